@@ -1,0 +1,86 @@
+"""Forward front end: S = dropout(X) A^T, with dropout fused into the down-projection.
+
+X is read once and the dropped copy never exists: the keep-mask is a function of (seed, element
+position) and is regenerated wherever it is needed again (see utils.keep_mask).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .utils import autotune_configs, dot_precision, keep_mask, rank_block, tile_dot, triton, tl, upcast_dots
+
+
+def _down_configs():
+    return autotune_configs(
+        [
+            triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+        ]
+    )
+
+
+@triton.autotune(configs=_down_configs(), key=["K", "BLOCK_R", "HAS_DROPOUT"])
+@triton.jit
+def _lora_down_kernel(
+    x_ptr, a_ptr, s_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
+    seed, dropout_p,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+            mask=(rows[:, None] < M) & (cols[None, :] < K),
+            other=0.0,
+        )
+        if UPCAST:
+            x = x.to(tl.float32)
+        if HAS_DROPOUT:
+            x = tl.where(keep_mask(seed, rows, cols, K, dropout_p), x, 0.0)
+        a_t = tl.load(
+            a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+            mask=(ranks[None, :] < R) & (cols[:, None] < K),
+            other=0.0,
+        )
+        acc = tile_dot(x, a_t, acc, UPCAST, PRECISION)
+    if HAS_DROPOUT:
+        # Dropout's 1/(1-p) is linear: applied once to the fp32 accumulator, not per element of X.
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    tl.store(
+        s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
+        acc.to(s_ptr.dtype.element_ty),
+        mask=(rows[:, None] < M) & (ranks[None, :] < R),
+    )
+
+
+def lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """S [M, r] = dropout(X) A^T for X [M, K] (any strides) and A [r, K]; S has X's dtype."""
+    M, K = x.shape
+    R = lora_A.shape[0]
+    s = torch.empty((M, R), device=x.device, dtype=x.dtype)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    _lora_down_kernel[grid](
+        x, lora_A, s,
+        M, K, R,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
+        seed, dropout_p,
+        HAS_DROPOUT=dropout_p > 0.0,
+        BLOCK_R=rank_block(R),
+        UPCAST=upcast_dots(x.dtype),
+        PRECISION=dot_precision(x.dtype),
+    )
+    return s

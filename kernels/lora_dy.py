@@ -1,0 +1,93 @@
+"""Backward over dY: dS = scaling * dY B and dB = scaling * dY^T S from a single pass over dY.
+
+Each program owns a block of rows: it keeps its dS rows in registers across the whole N loop
+(written once, deterministic) and adds its share of dB with fp32 atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .utils import autotune_configs, dot_precision, rank_block, tile_dot, triton, tl, upcast_dots
+
+
+def _dy_configs():
+    return autotune_configs(
+        [
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4, num_stages=4),
+        ]
+    )
+
+
+@triton.autotune(configs=_dy_configs(), key=["N", "BLOCK_R"], reset_to_zero=["db_ptr"])
+@triton.jit
+def _lora_dy_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
+    scaling,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    row_ok = rows < M
+    rank_ok = ranks < R
+    s = tl.load(
+        s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
+        mask=row_ok[:, None] & rank_ok[None, :],
+        other=0.0,
+    )
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
+            mask=col_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
+        ds = tile_dot(dy, b, ds, UPCAST, PRECISION)
+        db = tile_dot(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), UPCAST, PRECISION)
+        tl.atomic_add(
+            db_ptr + cols[:, None] * R + ranks[None, :],
+            db * scaling,
+            mask=col_ok[:, None] & rank_ok[None, :],
+        )
+    tl.store(
+        ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
+        (ds * scaling).to(ds_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & rank_ok[None, :],
+    )
+
+
+def lora_dy(dy: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, scaling: float):
+    """(dS [M, r] in dY's dtype, dB [N, r] in fp32) for dY [M, N], B [N, r], S [M, r]."""
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    ds = torch.empty((M, R), device=dy.device, dtype=dy.dtype)
+    db = torch.zeros((N, R), device=dy.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+    _lora_dy_kernel[grid](
+        dy, lora_B, s, ds, db,
+        M, N, R,
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
+        ds.stride(0), ds.stride(1),
+        scaling,
+        BLOCK_R=rank_block(R),
+        UPCAST=upcast_dots(dy.dtype),
+        PRECISION=dot_precision(dy.dtype),
+    )
+    return ds, db

@@ -1,0 +1,208 @@
+"""The fused LoRA linear op: Y = X W^T (+ b) + scaling * dropout(X) A^T B^T, forward and backward.
+
+The graph is split at the rank-r tensor S = dropout(X) A^T:
+
+forward   S  = lora_down(X)                        one pass over X, dropout fused (Triton)
+          Y  = X W^T + b                           cuBLAS
+          Y += scaling * S B^T                     cuBLAS addmm, beta = 1 (no element-wise pass)
+          (forward_impl="triton_gemm": both GEMMs in one Triton kernel, Y written once)
+backward  dS, dB = lora_dy(dY)                     one pass over dY (Triton)
+          dX  = dropout'(dS A), dA = dS^T dropout(X)   one pass over X, mask regenerated (Triton)
+          dX += dY W                               cuBLAS addmm, beta = 1
+
+Saved for backward: X (which the caller holds anyway), S [tokens, r] and a 31-bit dropout seed.
+PEFT's LoRA layer saves dropout(X) as well, an extra tokens x in_features tensor per layer
+whenever p > 0; here the keep-mask is regenerated from the seed instead of stored.
+
+Two backends share this autograd function and differ only in the three memory-bound ops:
+"triton" (the kernels above) and "torch" (kernels/reference.py, the CPU backend, with the keep-mask
+regenerated from torch's generator).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .utils import MAX_RANK, new_dropout_seed, require_triton, triton_usable
+
+BACKENDS = ("auto", "triton", "torch")
+FORWARD_IMPLS = ("cublas", "triton_gemm")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _TorchOps:
+    """The memory-bound ops in plain torch; dropout's keep-mask regenerated from the seed."""
+
+    @staticmethod
+    def _keep(x: torch.Tensor, dropout_p: float, seed: int):
+        if dropout_p == 0.0:
+            return None
+        return reference.torch_keep_mask(seed, tuple(x.shape), dropout_p, x.device)
+
+    @classmethod
+    def lora_down(cls, x, lora_A, dropout_p, seed):
+        return reference.lora_down_reference(x, lora_A, cls._keep(x, dropout_p, seed), dropout_p)
+
+    @staticmethod
+    def lora_dy(dy, lora_B, s, scaling):
+        return reference.lora_dy_reference(dy, lora_B, s, scaling)
+
+    @classmethod
+    def lora_dx_da(cls, ds, lora_A, x, dropout_p, seed, dx_out):
+        keep = cls._keep(x, dropout_p, seed)
+        dx_lora, da = reference.lora_dx_da_reference(ds, lora_A, x, keep, dropout_p)
+        if dx_out is not None:
+            dx_out.copy_(dx_lora)
+        return da
+
+    @staticmethod
+    def linear_lora_gemm(x, weight, bias, s, lora_B, scaling):
+        raise ValueError("forward_impl='triton_gemm' needs backend='triton'")
+
+
+class _TritonOps:
+    @staticmethod
+    def lora_down(x, lora_A, dropout_p, seed):
+        from .lora_down import lora_down
+
+        return lora_down(x, lora_A, dropout_p, seed)
+
+    @staticmethod
+    def lora_dy(dy, lora_B, s, scaling):
+        from .lora_dy import lora_dy
+
+        return lora_dy(dy, lora_B, s, scaling)
+
+    @staticmethod
+    def lora_dx_da(ds, lora_A, x, dropout_p, seed, dx_out):
+        from .lora_dx_da import lora_dx_da
+
+        return lora_dx_da(ds, lora_A, x, dropout_p, seed, dx_out)
+
+    @staticmethod
+    def linear_lora_gemm(x, weight, bias, s, lora_B, scaling):
+        from .linear_lora_gemm import linear_lora_gemm
+
+        return linear_lora_gemm(x, weight, bias, s, lora_B, scaling)
+
+
+_OPS = {"torch": _TorchOps, "triton": _TritonOps}
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' is Triton where Triton runs (CUDA, or the interpreter when asked for) and torch elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
+    if backend == "triton":
+        require_triton(device)
+    return backend
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend, forward_impl):
+        ops = _OPS[backend]
+        in_features = x.shape[-1]
+        x2d = x.reshape(-1, in_features)
+        seed = new_dropout_seed(x.device) if dropout_p > 0.0 else 0
+        s = ops.lora_down(x2d, lora_A, dropout_p, seed)
+        if forward_impl == "triton_gemm":
+            y = ops.linear_lora_gemm(x2d, weight, bias, s, lora_B, scaling)
+        else:
+            y = torch.nn.functional.linear(x2d, weight, bias)
+            y.addmm_(s, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, s)
+        ctx.scaling = scaling
+        ctx.dropout_p = dropout_p
+        ctx.seed = seed
+        ctx.backend = backend
+        ctx.has_bias = bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, s = ctx.saved_tensors
+        ops = _OPS[ctx.backend]
+        need_dx, need_dw, need_db, need_da, need_dlb = ctx.needs_input_grad[:5]
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        if dy2d.stride(-1) != 1:
+            dy2d = dy2d.contiguous()
+        grad_x = grad_w = grad_bias = grad_A = grad_B = None
+
+        ds, db = ops.lora_dy(dy2d, lora_B, s, ctx.scaling)
+        if need_dlb:
+            grad_B = db.to(lora_B.dtype)
+        if need_dx or need_da:
+            dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_dx else None
+            da = ops.lora_dx_da(ds, lora_A, x2d, ctx.dropout_p, ctx.seed, dx)
+            if need_da:
+                grad_A = da.to(lora_A.dtype)
+            if need_dx:
+                dx.addmm_(dy2d, weight)
+                grad_x = dx.reshape(x.shape)
+        if need_dw:  # only when the caller un-froze the base weight
+            grad_w = dy2d.t() @ x2d
+        if need_db and ctx.has_bias:
+            grad_bias = dy2d.sum(0)
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p):
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x.shape[-1] must equal in_features={in_features}, got x of shape {tuple(x.shape)}"
+        )
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must be [r, in_features={in_features}], got {tuple(lora_A.shape)}")
+    rank = lora_A.shape[0]
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"rank r must be in 1..{MAX_RANK}, got lora_A with r={rank}")
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"lora_B must be [out_features={out_features}, r={rank}], got {tuple(lora_B.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x.dtype must be one of float32, float16, bfloat16, got {x.dtype}")
+    for name, tensor in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if tensor is None:
+            continue
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{name}.dtype ({tensor.dtype}) must match x.dtype ({x.dtype})")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {dropout_p}")
+
+
+def fused_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    forward_impl: str = "cublas",
+) -> torch.Tensor:
+    """Y = X W^T (+ bias) + scaling * dropout(X) A^T B^T, differentiable in x, A, B (and W, bias).
+
+    x: [..., in_features]; weight: [out_features, in_features]; lora_A: [r, in_features];
+    lora_B: [out_features, r]; dropout applies to the LoRA path only, only in training.
+    """
+    _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p)
+    if forward_impl not in FORWARD_IMPLS:
+        raise ValueError(f"forward_impl must be one of {FORWARD_IMPLS}, got {forward_impl!r}")
+    resolved = resolve_backend(backend, x.device)
+    if x.numel() == 0:
+        return torch.nn.functional.linear(x, weight, bias)
+    return LoRALinearFunction.apply(
+        x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), resolved, forward_impl
+    )

@@ -1,0 +1,70 @@
+"""Plain-torch definitions of the LoRA linear layer: the test oracle and the torch backend's ops.
+
+Every Triton kernel in this package has its contract written here in unfused torch. The Triton
+kernels and these functions take the same arguments, so tests can run both on the same inputs
+(in float64 for the oracle) and the CPU backend can run these directly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA (as PEFT defines them)."""
+    return lora_alpha / (r**0.5) if use_rslora else lora_alpha / r
+
+
+def torch_keep_mask(seed: int, shape: tuple[int, ...], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """Dropout keep-mask of the torch backend, regenerated from a seed rather than stored.
+
+    It comes from torch's own generator, so it differs from the Triton kernels' Philox mask for
+    the same seed; each backend agrees with itself between forward and backward.
+    """
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+
+
+def dropout_input(x: torch.Tensor, keep: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    if keep is None or dropout_p == 0.0:
+        return x
+    return x * keep.to(x.dtype) / (1.0 - dropout_p)
+
+
+def lora_down_reference(x: torch.Tensor, lora_A: torch.Tensor, keep: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """S = dropout(X) A^T, X [M, K], A [r, K] -> S [M, r]."""
+    return dropout_input(x, keep, dropout_p) @ lora_A.t()
+
+
+def lora_dy_reference(dy: torch.Tensor, lora_B: torch.Tensor, s: torch.Tensor, scaling: float):
+    """dS = scaling * dY B and dB = scaling * dY^T S, dY [M, N], B [N, r], S [M, r]."""
+    return scaling * (dy @ lora_B), scaling * (dy.t() @ s)
+
+
+def lora_dx_da_reference(
+    ds: torch.Tensor, lora_A: torch.Tensor, x: torch.Tensor, keep: torch.Tensor | None, dropout_p: float
+):
+    """LoRA part of dX = dropout'(dS A) and dA = dS^T dropout(X)."""
+    return dropout_input(ds @ lora_A, keep, dropout_p), ds.t() @ dropout_input(x, keep, dropout_p)
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Y = X W^T + b + scaling * dropout(X) A^T B^T, unfused; autograd gives every gradient.
+
+    `keep` is the dropout keep-mask over X viewed as [tokens, in_features].
+    """
+    x2d = x.reshape(-1, x.shape[-1])
+    y = x2d @ weight.t()
+    if bias is not None:
+        y = y + bias
+    y = y + scaling * (lora_down_reference(x2d, lora_A, keep, dropout_p) @ lora_B.t())
+    return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,34 @@
+"""The `lorafusion` command line: one sub-command per module in lorafusion.commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module under lorafusion.commands, one-line help). Modules are imported only when their
+# sub-command runs, so `lorafusion plan` never imports torch's CUDA bits or the kernels.
+SUBCOMMANDS = {
+    "bench": ("bench", "benchmark FusedLoRALinear against PEFT and the frozen base linear"),
+    "plan": ("plan", "schedule several LoRA jobs into token-capped microbatches"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafusion", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(f"lorafusion.commands.{module_name}")
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

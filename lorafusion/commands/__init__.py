@@ -1,0 +1,1 @@
+"""Sub-commands of the `lorafusion` CLI; each module defines add_arguments(parser) and run(args)."""

@@ -9,7 +9,6 @@ import sys
 # name -> (module under lorafusion.commands, one-line help). Modules are imported only when their
 # sub-command runs, so `lorafusion plan` never imports torch's CUDA bits or the kernels.
 SUBCOMMANDS = {
-    "bench": ("bench", "benchmark FusedLoRALinear against PEFT and the frozen base linear"),
     "plan": ("plan", "schedule several LoRA jobs into token-capped microbatches"),
 }
 

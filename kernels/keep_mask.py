@@ -1,0 +1,24 @@
+"""Materialises the Triton kernels' dropout keep-mask, for tests and for debugging a run: the fused
+kernels never store it, they regenerate it from (seed, element position)."""
+
+from __future__ import annotations
+
+import torch
+
+from .utils import keep_mask, triton, tl
+
+
+@triton.jit
+def _keep_mask_kernel(out_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    keep = keep_mask(seed, rows, cols, K, dropout_p)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep, mask=(rows[:, None] < M) & (cols[None, :] < K))
+
+
+def triton_keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device: torch.device) -> torch.Tensor:
+    """The [rows, cols] bool keep-mask that the fused kernels use for this seed and p."""
+    out = torch.empty((rows, cols), dtype=torch.bool, device=device)
+    grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 32))
+    _keep_mask_kernel[grid](out, rows, cols, seed, dropout_p, BLOCK_M=32, BLOCK_K=32)
+    return out

@@ -1,0 +1,122 @@
+"""apply_lora: put FusedLoRALinear adapters on the targeted nn.Linear layers of a model, as PEFT would."""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from lorafusion.config import LoRAConfig, normalized_target_modules
+from lorafusion.modules import FusedLoRALinear
+
+# Attribute of the model where apply_lora records its config (read by save_adapter).
+CONFIG_ATTRIBUTE = "lorafusion_config"
+
+_MAX_NAMES_IN_ERRORS = 20
+
+
+def _output_layer(model: nn.Module) -> nn.Module | None:
+    """The output projection "all-linear" leaves out: get_output_embeddings(), else a module named lm_head."""
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    if callable(get_output_embeddings):
+        return get_output_embeddings()
+    return getattr(model, "lm_head", None)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # A converted layer still counts as the linear it replaced, so targets resolve the same before
+    # and after apply_lora (load_adapter compares them).
+    return isinstance(module, (nn.Linear, FusedLoRALinear))
+
+
+def _name_matches(name: str, target_modules: list[str] | str) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def _summary(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES_IN_ERRORS])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _MAX_NAMES_IN_ERRORS else "")
+
+
+def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+    """Full names of the linear layers `target_modules` selects, in model order (PEFT's rules).
+
+    A list entry matches a module named exactly so or ending with "." + entry; a string is a regex
+    that must match the whole name; "all-linear" is every nn.Linear except the output layer.
+    Raises ValueError when an entry (or the regex) selects no linear layer, or when a target
+    matches a module that is not an nn.Linear.
+    """
+    target_modules = normalized_target_modules(target_modules)
+    named_modules = [(name, module) for name, module in model.named_modules() if name]
+    linear_names = [name for name, module in named_modules if _is_linear(module)]
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        output_layer = _output_layer(model)
+        selected = [name for name, module in named_modules if _is_linear(module) and module is not output_layer]
+        if not selected:
+            raise ValueError(f"target_modules='all-linear' found no nn.Linear layer in {type(model).__name__}")
+        return selected
+
+    matched = [(name, module) for name, module in named_modules if _name_matches(name, target_modules)]
+    not_linear = [f"{name} ({type(module).__name__})" for name, module in matched if not _is_linear(module)]
+    if not_linear:
+        raise ValueError(
+            f"target_modules={target_modules!r} matches modules that are not nn.Linear, which cannot take "
+            f"a LoRA adapter: {_summary(not_linear)}"
+        )
+    selected = [name for name, _ in matched]
+    if isinstance(target_modules, str):
+        unmatched = [] if selected else [target_modules]
+    else:
+        unmatched = [entry for entry in target_modules if not any(_name_matches(name, [entry]) for name in selected)]
+    if unmatched:
+        short_names = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+        raise ValueError(
+            f"target_modules entries {unmatched} match no nn.Linear layer in {type(model).__name__}; "
+            f"linear layer names there: {_summary(short_names)}"
+        )
+    return selected
+
+
+def lora_modules(model: nn.Module) -> dict[str, FusedLoRALinear]:
+    """The FusedLoRALinear layers of `model` by full module name, in model order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, FusedLoRALinear)}
+
+
+def get_lora_config(model: nn.Module) -> LoRAConfig | None:
+    """The LoRAConfig apply_lora (or load_adapter) recorded on `model`, or None."""
+    return getattr(model, CONFIG_ATTRIBUTE, None)
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Replace the targeted nn.Linear layers by FusedLoRALinear sharing their weights; freeze the rest.
+
+    Every parameter but the new lora_A / lora_B is frozen. The config is recorded on the model for
+    save_adapter. The model is modified in place and returned. Applying twice raises ValueError.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    if get_lora_config(model) is not None or lora_modules(model):
+        raise ValueError(
+            f"{type(model).__name__} already has LoRA adapters; apply_lora converts a model once "
+            "(use load_adapter to load other adapter weights into it)"
+        )
+    target_names = find_target_modules(model, config.target_modules)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for name in target_names:
+        parent_name, _, child_name = name.rpartition(".")
+        linear = model.get_submodule(name)
+        layer = FusedLoRALinear.from_linear(
+            linear,
+            r=config.r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            backend=config.backend,
+        )
+        layer.train(linear.training)
+        setattr(model.get_submodule(parent_name), child_name, layer)
+    setattr(model, CONFIG_ATTRIBUTE, config)
+    return model

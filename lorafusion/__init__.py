@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from lorafusion.adapters import load_adapter, save_adapter  # noqa: E402
 from lorafusion.apply import apply_lora, find_target_modules, get_lora_config, lora_modules  # noqa: E402
 from lorafusion.config import LoRAConfig  # noqa: E402
 from lorafusion.modules import FusedLoRALinear  # noqa: E402
@@ -13,5 +14,7 @@ __all__ = [
     "apply_lora",
     "find_target_modules",
     "get_lora_config",
+    "load_adapter",
     "lora_modules",
+    "save_adapter",
 ]

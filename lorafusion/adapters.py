@@ -1,0 +1,209 @@
+"""save_adapter / load_adapter: LoRA adapters in PEFT's on-disk format.
+
+An adapter is a directory holding
+  adapter_config.json          PEFT's LoraConfig fields (peft_type "LORA", r, lora_alpha, ...)
+  adapter_model.safetensors    one tensor per LoRA matrix, named as PEFT names them:
+                               "base_model.model." + module name + ".lora_A.weight" / ".lora_B.weight"
+so PEFT's PeftModel.from_pretrained reads what save_adapter writes, and load_adapter reads what
+PEFT's save_pretrained writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorafusion.apply import apply_lora, find_target_modules, get_lora_config, lora_modules
+from lorafusion.config import LoRAConfig
+from lorafusion.modules import FusedLoRALinear
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# PEFT wraps the model twice (PeftModel.base_model is a LoraModel whose .model is the model).
+KEY_PREFIX = "base_model.model."
+LORA_MATRICES = ("lora_A", "lora_B")
+
+_MAX_KEYS_IN_ERRORS = 10
+
+
+def adapter_key(module_name: str, matrix: str) -> str:
+    """PEFT's state-dict key of a LoRA matrix ("lora_A" or "lora_B") of the named module."""
+    return f"{KEY_PREFIX}{module_name}.{matrix}.weight"
+
+
+def _converted_modules(model: nn.Module) -> dict[str, FusedLoRALinear]:
+    modules = lora_modules(model)
+    if get_lora_config(model) is None or not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no LoRA adapter to save: convert it with apply_lora (or load_adapter) first"
+        )
+    return modules
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's LoRA matrices under PEFT's key names, detached, on the CPU."""
+    return {
+        adapter_key(name, matrix): getattr(module, matrix).detach().to("cpu", copy=True).contiguous()
+        for name, module in _converted_modules(model).items()
+        for matrix in LORA_MATRICES
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the model's adapter to directory `path` in PEFT's format; returns the path.
+
+    Written atomically: both files go into a temporary directory beside `path`, which then takes
+    its place, so `path` never holds a half-written adapter. An existing adapter directory at
+    `path` is replaced; a directory holding anything else is refused rather than deleted.
+    """
+    config = get_lora_config(model)
+    tensors = adapter_state_dict(model)
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"save_adapter: {target} exists and is not a directory")
+    if target.is_dir():
+        foreign = sorted(entry.name for entry in target.iterdir() if entry.name not in (CONFIG_FILE, WEIGHTS_FILE))
+        if foreign:
+            raise FileExistsError(
+                f"save_adapter: {target} holds files other than an adapter ({', '.join(foreign)}); "
+                "refusing to replace it"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        with open(staging / CONFIG_FILE, "w", encoding="utf-8") as handle:
+            json.dump(config.to_peft_dict(), handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            with open(staging / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        _replace_directory(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _replace_directory(source: Path, target: Path) -> None:
+    """Move `source` to `target`, replacing a directory there; rename is atomic, so `target` is
+    either the old adapter, briefly absent, or the new one."""
+    if not target.exists():
+        os.replace(source, target)
+        return
+    retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    os.replace(target, retired / target.name)
+    try:
+        os.replace(source, target)
+    except OSError:
+        os.replace(retired / target.name, target)
+        raise
+    finally:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def read_adapter_config(path: str | os.PathLike, backend: str = "auto") -> LoRAConfig:
+    """The LoRAConfig in `path`/adapter_config.json; errors name the file."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {directory} does not exist (or is not a directory)")
+    config_file = directory / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: not a PEFT/lorafusion adapter directory")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file} is not valid JSON: {error}") from error
+    return LoRAConfig.from_peft_dict(data, backend=backend, source=str(config_file))
+
+
+def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    weights_file = directory / WEIGHTS_FILE
+    if not weights_file.is_file():
+        raise FileNotFoundError(f"{weights_file} not found")
+    try:
+        return load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_file} is not a readable safetensors file: {error}") from error
+
+
+def _check_same_adapter_shape(model: nn.Module, current: LoRAConfig, loaded: LoRAConfig, config_file: Path) -> None:
+    """On a converted model the layers already exist: the adapter must fit them as they are."""
+    for field in ("r", "lora_alpha", "use_rslora"):
+        if getattr(current, field) != getattr(loaded, field):
+            raise ValueError(
+                f"{config_file}: {field}={getattr(loaded, field)!r} but the model's adapter has "
+                f"{field}={getattr(current, field)!r}; load it into a model without adapters instead"
+            )
+    converted = sorted(lora_modules(model))
+    wanted = sorted(find_target_modules(model, loaded.target_modules))
+    if converted != wanted:
+        missing = sorted(set(wanted) - set(converted))
+        extra = sorted(set(converted) - set(wanted))
+        raise ValueError(
+            f"{config_file}: target_modules={loaded.target_modules!r} select other layers than the model's "
+            f"adapter (not converted: {missing[:_MAX_KEYS_IN_ERRORS]}, not targeted: {extra[:_MAX_KEYS_IN_ERRORS]})"
+        )
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, backend: str = "auto") -> nn.Module:
+    """Load the adapter in directory `path` (lorafusion's or PEFT's save_pretrained) into `model`.
+
+    A model without adapters is first converted with apply_lora and the adapter's config (using
+    `backend`); a converted model must already have the adapter's rank, alpha and target layers.
+    Every LoRA matrix must be present with the right shape, and no other key may be: any mismatch
+    raises before a single weight is copied. Returns the model.
+    """
+    directory = Path(path)
+    loaded_config = read_adapter_config(directory, backend=backend)
+    tensors = _read_weights(directory)
+    weights_file = directory / WEIGHTS_FILE
+
+    current_config = get_lora_config(model)
+    if current_config is None and lora_modules(model):
+        raise ValueError(f"{type(model).__name__} has FusedLoRALinear layers but no recorded LoRAConfig")
+    if current_config is not None:
+        _check_same_adapter_shape(model, current_config, loaded_config, directory / CONFIG_FILE)
+        modules = lora_modules(model)
+        merged = [name for name, module in modules.items() if module.merged]
+        if merged:
+            raise RuntimeError(f"cannot load an adapter into merged layers ({merged[:_MAX_KEYS_IN_ERRORS]}); unmerge first")
+    else:
+        # Check the weights against a throwaway name list before touching the model.
+        modules = {name: None for name in find_target_modules(model, loaded_config.target_modules)}
+
+    expected = {adapter_key(name, matrix): (name, matrix) for name in modules for matrix in LORA_MATRICES}
+    missing = [key for key in expected if key not in tensors]
+    unexpected = sorted(key for key in tensors if key not in expected)
+    if missing:
+        raise ValueError(f"{weights_file} lacks {len(missing)} LoRA weights: {missing[:_MAX_KEYS_IN_ERRORS]}")
+    if unexpected:
+        raise ValueError(
+            f"{weights_file} has {len(unexpected)} keys that match no targeted layer: "
+            f"{unexpected[:_MAX_KEYS_IN_ERRORS]} (expected keys like {next(iter(expected))!r})"
+        )
+    for key, (name, matrix) in expected.items():
+        base = model.get_submodule(name).weight
+        rank = loaded_config.r
+        shape = (rank, base.shape[1]) if matrix == "lora_A" else (base.shape[0], rank)
+        if tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
+            raise ValueError(
+                f"{weights_file}: {key} has shape {tuple(tensors[key].shape)} and dtype {tensors[key].dtype}, "
+                f"expected a floating-point tensor of shape {shape}"
+            )
+
+    if current_config is None:
+        apply_lora(model, loaded_config)
+        modules = lora_modules(model)
+    with torch.no_grad():
+        for key, (name, matrix) in expected.items():
+            getattr(modules[name], matrix).copy_(tensors[key])
+    return model

@@ -4,7 +4,9 @@ Knows nothing of the training runtime: it takes tensors and returns tensors.
 """
 
 from .lora_linear import BACKENDS, FORWARD_IMPLS, LoRALinearFunction, fused_lora_linear, resolve_backend
+from .multi_lora_linear import MultiLoRALinearFunction, fused_multi_lora_linear
 from .reference import lora_linear_reference, lora_scaling, torch_keep_mask
+from .segments import SegmentMeta, build_segment_meta
 from .utils import MAX_RANK
 
 __all__ = [
@@ -12,6 +14,10 @@ __all__ = [
     "FORWARD_IMPLS",
     "MAX_RANK",
     "LoRALinearFunction",
+    "MultiLoRALinearFunction",
+    "SegmentMeta",
+    "build_segment_meta",
+    "fused_multi_lora_linear",
     "fused_lora_linear",
     "lora_linear_reference",
     "lora_scaling",

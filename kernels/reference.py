@@ -15,11 +15,14 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     return lora_alpha / (r**0.5) if use_rslora else lora_alpha / r
 
 
-def torch_keep_mask(seed: int, shape: tuple[int, ...], dropout_p: float, device: torch.device) -> torch.Tensor:
+def torch_keep_mask(
+    seed: int, shape: tuple[int, ...], dropout_p: float | torch.Tensor, device: torch.device
+) -> torch.Tensor:
     """Dropout keep-mask of the torch backend, regenerated from a seed rather than stored.
 
     It comes from torch's own generator, so it differs from the Triton kernels' Philox mask for
-    the same seed; each backend agrees with itself between forward and backward.
+    the same seed; each backend agrees with itself between forward and backward. dropout_p may be
+    a tensor broadcasting against shape (a probability per row, for multi-adapter batches).
     """
     generator = torch.Generator(device=device).manual_seed(seed)
     return torch.rand(shape, generator=generator, device=device) >= dropout_p
@@ -68,3 +71,22 @@ def lora_linear_reference(
         y = y + bias
     y = y + scaling * (lora_down_reference(x2d, lora_A, keep, dropout_p) @ lora_B.t())
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def nf4_block_absmax_reference(weight) -> torch.Tensor:
+    """fp32 absmax of every block of an `NF4Weight`; with double quantization
+    dynamic[qabsmax] * nested_absmax[block // 256], rounded to fp32, then + offset (two roundings)."""
+    if not weight.double_quant:
+        return weight.absmax
+    scale = weight.nested_code[weight.absmax.long()]
+    nested_per_block = weight.nested_absmax.repeat_interleave(weight.nested_blocksize)[: scale.numel()]
+    return (scale * nested_per_block) + weight.offset
+
+
+def nf4_dequantize_reference(weight) -> torch.Tensor:
+    """An `NF4Weight` dequantized in plain torch: code[index] * absmax[block] in fp32, then cast to
+    weight.dtype (rounded to nearest even). The CPU backend, and the Triton kernel's contract."""
+    packed = weight.packed.to(torch.int64)
+    indices = torch.stack((packed >> 4, packed & 15), dim=1).reshape(-1)[: weight.numel()]
+    absmax = nf4_block_absmax_reference(weight).repeat_interleave(weight.blocksize)[: weight.numel()]
+    return (weight.code[indices] * absmax).to(weight.dtype).view(weight.shape)

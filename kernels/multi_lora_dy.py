@@ -1,0 +1,97 @@
+"""Multi-adapter backward over dY: per segment dS = scaling_a * dY B_a and dB_a += scaling_a * dY^T S,
+from one pass over dY. dS rows stay in registers for the whole N loop; dB goes to an fp32
+[N, sum of ranks] buffer with atomics, at the adapter's rank offset."""
+
+from __future__ import annotations
+
+import torch
+
+from .segments import SegmentMeta
+from .utils import autotune_configs, dot_precision, rank_block, tile_dot, triton, tl, upcast_dots
+
+
+def _configs():
+    return autotune_configs(
+        [
+            triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=4),
+        ]
+    )
+
+
+@triton.autotune(configs=_configs(), key=["N", "BLOCK_R"], reset_to_zero=["db_ptr"])
+@triton.jit
+def _multi_lora_dy_kernel(
+    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    block_adapter_ptr, block_start_ptr, block_end_ptr, rank_ptr, rank_offset_ptr, scaling_ptr,
+    N, S_COLS, TOTAL_RANK,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_dsm, stride_dsr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    block = tl.program_id(0)
+    adapter = tl.load(block_adapter_ptr + block)
+    rows = tl.load(block_start_ptr + block) + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.load(block_end_ptr + block)
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < tl.load(rank_ptr + adapter)
+    adapter_cols = tl.load(rank_offset_ptr + adapter) + ranks
+    scaling = tl.load(scaling_ptr + adapter)
+    s = tl.load(
+        s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
+        mask=row_ok[:, None] & rank_ok[None, :],
+        other=0.0,
+    )
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + cols[:, None] * stride_bn + adapter_cols[None, :] * stride_br,
+            mask=col_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
+        ds = tile_dot(dy, b, ds, UPCAST, PRECISION)
+        db = tile_dot(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), UPCAST, PRECISION)
+        tl.atomic_add(
+            db_ptr + cols[:, None] * TOTAL_RANK + adapter_cols[None, :],
+            db * scaling,
+            mask=col_ok[:, None] & rank_ok[None, :],
+        )
+    tl.store(
+        ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
+        (ds * scaling).to(ds_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (ranks[None, :] < S_COLS),
+    )
+
+
+def multi_lora_dy(dy: torch.Tensor, lora_B_cat: torch.Tensor, s: torch.Tensor, meta: SegmentMeta):
+    """(dS [tokens, max rank] in dY's dtype, dB_cat [N, sum of ranks] in fp32)."""
+    M, N = dy.shape
+    ds = torch.empty((M, meta.max_rank), device=dy.device, dtype=dy.dtype)
+    db = torch.zeros((N, meta.total_rank), device=dy.device, dtype=torch.float32)
+    num_blocks = meta.block_adapter.numel()
+    if num_blocks == 0:
+        return ds, db
+    _multi_lora_dy_kernel[(num_blocks,)](
+        dy, lora_B_cat, s, ds, db,
+        meta.block_adapter, meta.block_start, meta.block_end,
+        meta.adapter_rank, meta.adapter_rank_offset, meta.adapter_scaling,
+        N, meta.max_rank, meta.total_rank,
+        dy.stride(0), dy.stride(1), lora_B_cat.stride(0), lora_B_cat.stride(1), s.stride(0), s.stride(1),
+        ds.stride(0), ds.stride(1),
+        BLOCK_M=meta.block_m,
+        BLOCK_R=rank_block(meta.max_rank),
+        UPCAST=upcast_dots(dy.dtype),
+        PRECISION=dot_precision(dy.dtype),
+    )
+    return ds, db

@@ -1,0 +1,196 @@
+"""Multi-adapter fused LoRA linear: one base GEMM over all tokens of a packed microbatch, and each
+segment's own adapter on the LoRA path, fused as in the single-adapter op (lora_linear.py):
+
+forward   S  = multi_lora_down(X)                per segment dropout_a(X) A_a^T  (Triton)
+          Y  = multi_lora_up(S) + bias           per segment scaling_a S B_a^T   (Triton, Y written once)
+          Y += X W^T                             cuBLAS addmm, beta = 1
+backward  dS, dB_cat = multi_lora_dy(dY)         one pass over dY              (Triton)
+          dX, dA_cat = multi_lora_dx_da(dS, X)   mask regenerated per tile     (Triton)
+          dX += dY W                             cuBLAS addmm, beta = 1
+
+An adapter's scaling and dropout are its own (alpha / r or alpha / sqrt(r)), whatever it is
+mixed with, and dropout touches only the LoRA path, with one seed for forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .lora_linear import SUPPORTED_DTYPES, resolve_backend
+from .reference import torch_keep_mask
+from .segments import SegmentMeta
+from .utils import new_dropout_seed
+
+
+class _TorchMultiOps:
+    """The torch backend: a loop over segments with the reference ops, the mask regenerated from the seed."""
+
+    @staticmethod
+    def _dropout_scale(x: torch.Tensor, meta: SegmentMeta, seed: int):
+        """keep / (1 - p_a) per element, or None without dropout: dropout_a(X) = X * this."""
+        if not meta.has_dropout:
+            return None
+        row_p = meta.row_dropout_p(x.device)[:, None]
+        keep = torch_keep_mask(seed, tuple(x.shape), row_p, x.device)
+        return (keep / (1.0 - row_p)).to(x.dtype)
+
+    @staticmethod
+    def _dropout(x, scale):
+        return x if scale is None else x * scale
+
+    @classmethod
+    def down(cls, x, lora_A_cat, meta, seed):
+        x_dropped = cls._dropout(x, cls._dropout_scale(x, meta, seed))
+        s = torch.zeros((x.shape[0], meta.max_rank), dtype=x.dtype, device=x.device)
+        for adapter, start, length in meta.segments:
+            rank, offset = meta.ranks[adapter], meta.rank_offsets[adapter]
+            rows = slice(start, start + length)
+            s[rows, :rank] = x_dropped[rows] @ lora_A_cat[offset : offset + rank].t()
+        return s
+
+    @staticmethod
+    def up(s, lora_B_cat, bias, meta):
+        y = torch.zeros((s.shape[0], lora_B_cat.shape[0]), dtype=s.dtype, device=s.device)
+        for adapter, start, length in meta.segments:
+            rank, offset = meta.ranks[adapter], meta.rank_offsets[adapter]
+            rows = slice(start, start + length)
+            y[rows] = meta.scalings[adapter] * (s[rows, :rank] @ lora_B_cat[:, offset : offset + rank].t())
+        if bias is not None:
+            y += bias
+        return y
+
+    @staticmethod
+    def dy(dy, lora_B_cat, s, meta):
+        ds = torch.zeros_like(s)
+        db = torch.zeros((lora_B_cat.shape[0], meta.total_rank), dtype=torch.float32, device=dy.device)
+        for adapter, start, length in meta.segments:
+            rank, offset, scaling = meta.ranks[adapter], meta.rank_offsets[adapter], meta.scalings[adapter]
+            rows = slice(start, start + length)
+            ds[rows, :rank] = scaling * (dy[rows] @ lora_B_cat[:, offset : offset + rank])
+            db[:, offset : offset + rank] += scaling * (dy[rows].t() @ s[rows, :rank]).float()
+        return ds, db
+
+    @classmethod
+    def dx_da(cls, ds, lora_A_cat, x, meta, seed, dx_out):
+        scale = cls._dropout_scale(x, meta, seed)
+        x_dropped = cls._dropout(x, scale)
+        da = torch.zeros((meta.total_rank, x.shape[1]), dtype=torch.float32, device=x.device)
+        dx_lora = torch.zeros_like(x) if dx_out is not None else None
+        for adapter, start, length in meta.segments:
+            rank, offset = meta.ranks[adapter], meta.rank_offsets[adapter]
+            rows = slice(start, start + length)
+            da[offset : offset + rank] += (ds[rows, :rank].t() @ x_dropped[rows]).float()
+            if dx_lora is not None:
+                dx_lora[rows] = ds[rows, :rank] @ lora_A_cat[offset : offset + rank]
+        if dx_out is not None:
+            dx_out.copy_(cls._dropout(dx_lora, scale))
+        return da
+
+
+class _TritonMultiOps:
+    @staticmethod
+    def down(x, lora_A_cat, meta, seed):
+        from .multi_lora_down import multi_lora_down
+
+        return multi_lora_down(x, lora_A_cat, meta, seed)
+
+    @staticmethod
+    def up(s, lora_B_cat, bias, meta):
+        from .multi_lora_up import multi_lora_up
+
+        return multi_lora_up(s, lora_B_cat, bias, meta)
+
+    @staticmethod
+    def dy(dy, lora_B_cat, s, meta):
+        from .multi_lora_dy import multi_lora_dy
+
+        return multi_lora_dy(dy, lora_B_cat, s, meta)
+
+    @staticmethod
+    def dx_da(ds, lora_A_cat, x, meta, seed, dx_out):
+        from .multi_lora_dx_da import multi_lora_dx_da
+
+        return multi_lora_dx_da(ds, lora_A_cat, x, meta, seed, dx_out)
+
+
+_OPS = {"torch": _TorchMultiOps, "triton": _TritonMultiOps}
+
+
+class MultiLoRALinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A_cat, lora_B_cat, meta, backend):
+        ops = _OPS[backend]
+        x2d = x.reshape(-1, x.shape[-1])
+        seed = new_dropout_seed(x.device) if meta.has_dropout else 0
+        s = ops.down(x2d, lora_A_cat, meta, seed)
+        y = ops.up(s, lora_B_cat, bias, meta)
+        y.addmm_(x2d, weight.t())
+        ctx.save_for_backward(x, weight, lora_A_cat, lora_B_cat, s)
+        ctx.meta, ctx.seed, ctx.backend, ctx.has_bias = meta, seed, backend, bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A_cat, lora_B_cat, s = ctx.saved_tensors
+        ops, meta = _OPS[ctx.backend], ctx.meta
+        need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+        x2d = x.reshape(-1, x.shape[-1])
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        if dy2d.stride(-1) != 1:
+            dy2d = dy2d.contiguous()
+        grad_x = grad_w = grad_bias = grad_A = grad_B = None
+        ds, db = ops.dy(dy2d, lora_B_cat, s, meta)
+        if need_db:
+            grad_B = db.to(lora_B_cat.dtype)
+        if need_dx or need_da:
+            dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_dx else None
+            da = ops.dx_da(ds, lora_A_cat, x2d, meta, ctx.seed, dx)
+            if need_da:
+                grad_A = da.to(lora_A_cat.dtype)
+            if need_dx:
+                dx.addmm_(dy2d, weight)
+                grad_x = dx.reshape(x.shape)
+        if need_dw:
+            grad_w = dy2d.t() @ x2d
+        if need_dbias and ctx.has_bias:
+            grad_bias = dy2d.sum(0)
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None
+
+
+def fused_multi_lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A_cat: torch.Tensor,
+    lora_B_cat: torch.Tensor,
+    meta: SegmentMeta,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Y = X W^T (+ bias) + per segment scaling_a * dropout_a(X) A_a^T B_a^T.
+
+    x: [..., in_features], its tokens (leading dims flattened in order) laid out as meta's
+    segments; lora_A_cat: [sum of ranks, in_features] and lora_B_cat: [out_features, sum of ranks],
+    the adapters' A and B concatenated in adapter order (see segments.py).
+    """
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x.shape[-1] must equal in_features={in_features}, got x of shape {tuple(x.shape)}")
+    tokens = x.numel() // in_features
+    if tokens != meta.num_tokens:
+        raise ValueError(
+            f"the batch's segment lengths sum to {meta.num_tokens} tokens but x holds {tokens} "
+            f"(x of shape {tuple(x.shape)})"
+        )
+    if tuple(lora_A_cat.shape) != (meta.total_rank, in_features):
+        raise ValueError(f"lora_A_cat must be [{meta.total_rank}, {in_features}], got {tuple(lora_A_cat.shape)}")
+    if tuple(lora_B_cat.shape) != (out_features, meta.total_rank):
+        raise ValueError(f"lora_B_cat must be [{out_features}, {meta.total_rank}], got {tuple(lora_B_cat.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x.dtype must be one of float32, float16, bfloat16, got {x.dtype}")
+    for name, tensor in (("weight", weight), ("lora_A", lora_A_cat), ("lora_B", lora_B_cat), ("bias", bias)):
+        if tensor is not None and tensor.dtype != x.dtype:
+            raise TypeError(f"{name}.dtype ({tensor.dtype}) must match x.dtype ({x.dtype})")
+    resolved = resolve_backend(backend, x.device)
+    if tokens == 0:
+        return torch.nn.functional.linear(x, weight, bias)
+    return MultiLoRALinearFunction.apply(x, weight, bias, lora_A_cat, lora_B_cat, meta, resolved)

@@ -1,0 +1,132 @@
+"""Segment metadata for multi-adapter LoRA batches.
+
+A packed microbatch is a sequence of consecutive token segments, each trained by one adapter (an
+adapter may own several segments). The kernels walk it in row blocks that never straddle two
+segments (as vLLM's LoRA kernels do), so each program multiplies by exactly one adapter's weights.
+The adapters' weights are concatenated along the rank dimension (A_cat [sum r, K], B_cat
+[N, sum r]); an adapter is addressed by its rank offset, so adapters of different ranks waste no
+padding and no table of raw pointers is needed.
+
+Built once per microbatch and shared by every layer of the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .utils import MAX_RANK
+
+SEGMENT_BLOCK_M = 64
+
+
+@dataclass(frozen=True)
+class SegmentMeta:
+    """Where each adapter's tokens and weights are, in the forms the kernels and torch backend use."""
+
+    num_tokens: int
+    # Per segment (python, for the torch backend): adapter index, first row, row count.
+    segments: tuple[tuple[int, int, int], ...]
+    # Per adapter (python and device copies): rank, offset into the concatenated rank dimension,
+    # scaling, dropout probability.
+    ranks: tuple[int, ...]
+    rank_offsets: tuple[int, ...]
+    scalings: tuple[float, ...]
+    dropout_ps: tuple[float, ...]
+    # Device tensors for the kernels.
+    block_adapter: torch.Tensor  # int32 [num_blocks]
+    block_start: torch.Tensor  # int32 [num_blocks]
+    block_end: torch.Tensor  # int32 [num_blocks]
+    adapter_rank: torch.Tensor  # int32 [num_adapters]
+    adapter_rank_offset: torch.Tensor  # int32 [num_adapters]
+    adapter_scaling: torch.Tensor  # fp32 [num_adapters]
+    adapter_dropout_p: torch.Tensor  # fp32 [num_adapters]
+    block_m: int
+
+    @property
+    def num_adapters(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.ranks)
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks)
+
+    @property
+    def has_dropout(self) -> bool:
+        return any(p > 0.0 for p in self.dropout_ps)
+
+    def row_dropout_p(self, device: torch.device) -> torch.Tensor:
+        """[num_tokens] fp32: each token's adapter's dropout probability."""
+        p = torch.empty(self.num_tokens, dtype=torch.float32, device=device)
+        for adapter, start, length in self.segments:
+            p[start : start + length] = self.dropout_ps[adapter]
+        return p
+
+
+def build_segment_meta(
+    segment_adapters: list[int],
+    segment_lengths: list[int],
+    ranks: tuple[int, ...] | list[int],
+    scalings: tuple[float, ...] | list[float],
+    dropout_ps: tuple[float, ...] | list[float],
+    device: torch.device | str,
+    block_m: int = SEGMENT_BLOCK_M,
+) -> SegmentMeta:
+    """Segment i has segment_lengths[i] consecutive tokens trained by adapter segment_adapters[i];
+    adapter a has rank ranks[a], scaling scalings[a] and dropout probability dropout_ps[a]."""
+    num_adapters = len(ranks)
+    if not (len(scalings) == len(dropout_ps) == num_adapters) or num_adapters == 0:
+        raise ValueError(
+            f"ranks, scalings and dropout_ps need one entry per adapter, got {len(ranks)}, {len(scalings)}, {len(dropout_ps)}"
+        )
+    if len(segment_adapters) != len(segment_lengths):
+        raise ValueError(
+            f"segment_adapters and segment_lengths must have the same length, got {len(segment_adapters)} and {len(segment_lengths)}"
+        )
+    for a, r in enumerate(ranks):
+        if not 1 <= r <= MAX_RANK:
+            raise ValueError(f"adapter {a}: rank must be in 1..{MAX_RANK}, got {r}")
+    for a, p in enumerate(dropout_ps):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"adapter {a}: dropout probability must be in [0, 1), got {p}")
+    rank_offsets, offset = [], 0
+    for r in ranks:
+        rank_offsets.append(offset)
+        offset += r
+
+    segments, blocks = [], []
+    start = 0
+    for adapter, length in zip(segment_adapters, segment_lengths):
+        if not 0 <= adapter < num_adapters:
+            raise ValueError(f"segment adapter index {adapter} is outside 0..{num_adapters - 1}")
+        if length < 0:
+            raise ValueError(f"segment lengths must be >= 0, got {length}")
+        segments.append((adapter, start, length))
+        for block_start in range(start, start + length, block_m):
+            blocks.append((adapter, block_start, min(block_start + block_m, start + length)))
+        start += length
+
+    def int_tensor(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    return SegmentMeta(
+        num_tokens=start,
+        segments=tuple(segments),
+        ranks=tuple(int(r) for r in ranks),
+        rank_offsets=tuple(rank_offsets),
+        scalings=tuple(float(s) for s in scalings),
+        dropout_ps=tuple(float(p) for p in dropout_ps),
+        block_adapter=int_tensor([b[0] for b in blocks]),
+        block_start=int_tensor([b[1] for b in blocks]),
+        block_end=int_tensor([b[2] for b in blocks]),
+        adapter_rank=int_tensor(list(ranks)),
+        adapter_rank_offset=int_tensor(rank_offsets),
+        adapter_scaling=torch.tensor(scalings, dtype=torch.float32, device=device),
+        adapter_dropout_p=torch.tensor(dropout_ps, dtype=torch.float32, device=device),
+        block_m=block_m,
+    )

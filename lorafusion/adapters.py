@@ -128,7 +128,10 @@ def read_adapter_config(path: str | os.PathLike, backend: str = "auto") -> LoRAC
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     weights_file = directory / WEIGHTS_FILE
     if not weights_file.is_file():
-        raise FileNotFoundError(f"{weights_file} not found")
+        hint = ""
+        if (directory / "adapter_model.bin").is_file():
+            hint = " (adapter_model.bin is a pickle; re-save it with PEFT's save_pretrained(safe_serialization=True))"
+        raise FileNotFoundError(f"{weights_file} not found{hint}")
     try:
         return load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as error:

@@ -126,12 +126,14 @@ class FusedLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_in_features(self, x: torch.Tensor) -> None:
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} expects input of shape [..., in_features={self.in_features}], "
                 f"got x of shape {tuple(x.shape)}"
             )
+
+    def _check_dtype(self, x: torch.Tensor) -> None:
         if x.dtype != self.weight.dtype:
             raise TypeError(
                 f"{type(self).__name__}: x.dtype must equal the layer's dtype {self.weight.dtype}, "
@@ -139,15 +141,27 @@ class FusedLoRALinear(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        """x [..., in_features] -> [..., out_features]; x must have the layer's dtype, except under
+        torch.autocast, where x and the parameters are cast to the autocast dtype as F.linear would."""
+        self._check_in_features(x)
+        autocasting = torch.is_autocast_enabled(x.device.type)
+        if not autocasting:
+            self._check_dtype(x)
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        weight, bias, lora_A, lora_B = self.weight, self.bias, self.lora_A, self.lora_B
+        if autocasting:
+            # The fused op is a custom autograd function, which autocast does not cast: do what it
+            # does for F.linear, so mixed-precision training (fp32 master weights) works unchanged.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight, lora_A, lora_B = (tensor.to(dtype) for tensor in (x, weight, lora_A, lora_B))
+            bias = bias.to(dtype) if bias is not None else None
         return fused_lora_linear(
             x,
-            self.weight,
-            self.bias,
-            self.lora_A,
-            self.lora_B,
+            weight,
+            bias,
+            lora_A,
+            lora_B,
             self.scaling,
             dropout_p=self.lora_dropout if self.training else 0.0,
             backend=self.backend,

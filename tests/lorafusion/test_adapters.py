@@ -188,3 +188,9 @@ def test_unsupported_peft_feature(saved):
     config = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     assert_load_fails(base, path, ValueError, r"adapter_config.json: use_dora=True is not supported")
+
+
+def test_pickled_weights_get_a_hint(saved):
+    base, _, path = saved
+    (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
+    assert_load_fails(base, path, FileNotFoundError, r"adapter_model.bin is a pickle")

@@ -218,3 +218,16 @@ def test_dtype_mismatch():
     layer = FusedLoRALinear(8, 4, r=2)
     with pytest.raises(TypeError, match=r"x.dtype must equal the layer's dtype torch.float32, got x.dtype=torch.bfloat16"):
         layer(torch.randn(3, 8, dtype=torch.bfloat16))
+
+
+def test_autocast_casts_like_f_linear():
+    layer = make_layer(32, 16, 4, bias=True)
+    x = torch.randn(5, 32)
+    expected, _ = reference_output(layer, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), expected, atol=5e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+    assert layer.lora_B.grad.abs().sum() > 0

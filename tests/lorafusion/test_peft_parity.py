@@ -101,3 +101,16 @@ def test_adapter_saved_by_peft_loads_here(tiny_llama, input_ids, tmp_path):
     assert next(iter(lora_modules(model).values())).use_rslora
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids).logits, peft_model(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_qwen2_with_biased_projections_matches_peft(input_ids, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    base = transformers.Qwen2ForCausalLM(config).eval()
+    assert base.model.layers[0].self_attn.q_proj.bias is not None
+    peft_model = make_peft_model(base, r=2, lora_alpha=4, target_modules="all-linear")
+    peft_model.save_pretrained(tmp_path / "qwen2_adapter")
+    model = load_adapter(copy.deepcopy(base), tmp_path / "qwen2_adapter", backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, peft_model(input_ids).logits, atol=1e-5, rtol=1e-5)

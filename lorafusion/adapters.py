@@ -138,6 +138,13 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{weights_file} is not a readable safetensors file: {error}") from error
 
 
+def _targeted_names(model: nn.Module, config: LoRAConfig, config_file: Path) -> list[str]:
+    try:
+        return find_target_modules(model, config.target_modules)
+    except ValueError as error:
+        raise ValueError(f"{config_file}: {error}") from error
+
+
 def _check_same_adapter_shape(model: nn.Module, current: LoRAConfig, loaded: LoRAConfig, config_file: Path) -> None:
     """On a converted model the layers already exist: the adapter must fit them as they are."""
     for field in ("r", "lora_alpha", "use_rslora"):
@@ -147,7 +154,7 @@ def _check_same_adapter_shape(model: nn.Module, current: LoRAConfig, loaded: LoR
                 f"{field}={getattr(current, field)!r}; load it into a model without adapters instead"
             )
     converted = sorted(lora_modules(model))
-    wanted = sorted(find_target_modules(model, loaded.target_modules))
+    wanted = sorted(_targeted_names(model, loaded, config_file))
     if converted != wanted:
         missing = sorted(set(wanted) - set(converted))
         extra = sorted(set(converted) - set(wanted))
@@ -170,20 +177,20 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, backend: str = "auto
     tensors = _read_weights(directory)
     weights_file = directory / WEIGHTS_FILE
 
+    config_file = directory / CONFIG_FILE
     current_config = get_lora_config(model)
     if current_config is None and lora_modules(model):
         raise ValueError(f"{type(model).__name__} has FusedLoRALinear layers but no recorded LoRAConfig")
     if current_config is not None:
-        _check_same_adapter_shape(model, current_config, loaded_config, directory / CONFIG_FILE)
-        modules = lora_modules(model)
-        merged = [name for name, module in modules.items() if module.merged]
+        _check_same_adapter_shape(model, current_config, loaded_config, config_file)
+        merged = [name for name, module in lora_modules(model).items() if module.merged]
         if merged:
             raise RuntimeError(f"cannot load an adapter into merged layers ({merged[:_MAX_KEYS_IN_ERRORS]}); unmerge first")
+        target_names = list(lora_modules(model))
     else:
-        # Check the weights against a throwaway name list before touching the model.
-        modules = {name: None for name in find_target_modules(model, loaded_config.target_modules)}
+        target_names = _targeted_names(model, loaded_config, config_file)
 
-    expected = {adapter_key(name, matrix): (name, matrix) for name in modules for matrix in LORA_MATRICES}
+    expected = {adapter_key(name, matrix): (name, matrix) for name in target_names for matrix in LORA_MATRICES}
     missing = [key for key in expected if key not in tensors]
     unexpected = sorted(key for key in tensors if key not in expected)
     if missing:
@@ -203,9 +210,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, backend: str = "auto
                 f"expected a floating-point tensor of shape {shape}"
             )
 
+    # Everything is checked: only now is the model changed.
     if current_config is None:
         apply_lora(model, loaded_config)
-        modules = lora_modules(model)
+    modules = lora_modules(model)
     with torch.no_grad():
         for key, (name, matrix) in expected.items():
             getattr(modules[name], matrix).copy_(tensors[key])

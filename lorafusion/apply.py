@@ -6,7 +6,7 @@ import re
 
 from torch import nn
 
-from lorafusion.config import LoRAConfig, normalized_target_modules
+from lorafusion.config import ALL_LINEAR, LoRAConfig, normalized_target_modules
 from lorafusion.modules import FusedLoRALinear
 
 # Attribute of the model where apply_lora records its config (read by save_adapter).
@@ -51,7 +51,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
     target_modules = normalized_target_modules(target_modules)
     named_modules = [(name, module) for name, module in model.named_modules() if name]
     linear_names = [name for name, module in named_modules if _is_linear(module)]
-    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         output_layer = _output_layer(model)
         selected = [name for name, module in named_modules if _is_linear(module) and module is not output_layer]
         if not selected:

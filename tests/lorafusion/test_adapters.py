@@ -194,3 +194,10 @@ def test_pickled_weights_get_a_hint(saved):
     base, _, path = saved
     (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
     assert_load_fails(base, path, FileNotFoundError, r"adapter_model.bin is a pickle")
+
+
+def test_adapter_targets_absent_from_the_model(saved):
+    base, _, path = saved
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["wq", "wv"]}))
+    assert_load_fails(base, path, ValueError, r"adapter_config.json: target_modules entries \['wq', 'wv'\] match no nn.Linear")

@@ -231,7 +231,7 @@ def pack(
     time_limit_s: float = 1.0,
     use_milp: bool = True,
     leftover_gap: float = 0.05,
-    full_milp_max_binaries: int = 1500,
+    full_milp_max_binaries: int = 400,
     neighbourhood_bins: int = 4,
 ) -> Packing:
     """Pack items (``segments[i]`` = owning job, ``tokens[i]`` = length) into the fewest bins.

@@ -26,10 +26,20 @@ from .grouping import group_jobs
 from .ordering import order_microbatches
 from .packing import Packing, greedy_pack, pack
 from .planner import BackgroundPlanner, plan_schedule
+from .simulator import (
+    CostModel,
+    SimulationResult,
+    fixed_size_microbatches,
+    megatron_baseline,
+    mlora_baseline,
+    mlora_order,
+    simulate,
+)
 from .verify import verify_schedule
 
 __all__ = [
     "BackgroundPlanner",
+    "CostModel",
     "Job",
     "Microbatch",
     "Packing",
@@ -37,12 +47,18 @@ __all__ = [
     "SampleRef",
     "Schedule",
     "ScheduleError",
+    "SimulationResult",
     "earliest_next_batch_position",
+    "fixed_size_microbatches",
     "greedy_pack",
     "group_jobs",
+    "megatron_baseline",
+    "mlora_baseline",
+    "mlora_order",
     "order_microbatches",
     "pack",
     "padded_tokens",
     "plan_schedule",
+    "simulate",
     "verify_schedule",
 ]

@@ -14,6 +14,10 @@ Saved for backward: X (which the caller holds anyway), S [tokens, r] and a 31-bi
 PEFT's LoRA layer saves dropout(X) as well, an extra tokens x in_features tensor per layer
 whenever p > 0; here the keep-mask is regenerated from the seed instead of stored.
 
+An NF4 base (`kernels.nf4.NF4Weight`, QLoRA) is dequantized into a workspace shared by all layers
+(`nf4.dequantize_workspace`) right before each use of W, once in forward and again in backward for
+dX += dY W; no full-precision copy of W lives between them or is allocated per call.
+
 Two backends share this autograd function and differ only in the three memory-bound ops:
 "triton" (the kernels above) and "torch" (kernels/reference.py, the CPU backend, with the keep-mask
 regenerated from torch's generator).
@@ -24,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .nf4 import NF4Weight, dequantize_workspace
 from .utils import MAX_RANK, new_dropout_seed, require_triton, triton_usable
 
 BACKENDS = ("auto", "triton", "torch")
@@ -101,6 +106,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _base_weight(weight, backend: str) -> torch.Tensor:
+    """W as a tensor: itself, or an NF4 weight dequantized into the shared workspace."""
+    if not isinstance(weight, NF4Weight):
+        return weight
+    workspace = dequantize_workspace(weight.shape, weight.dtype, weight.device)
+    return weight.dequantize(out=workspace, backend=backend)
+
+
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend, forward_impl):
@@ -109,12 +122,16 @@ class LoRALinearFunction(torch.autograd.Function):
         x2d = x.reshape(-1, in_features)
         seed = new_dropout_seed(x.device) if dropout_p > 0.0 else 0
         s = ops.lora_down(x2d, lora_A, dropout_p, seed)
+        quantized_weight = weight if isinstance(weight, NF4Weight) else None
+        weight = _base_weight(weight, backend)
         if forward_impl == "triton_gemm":
             y = ops.linear_lora_gemm(x2d, weight, bias, s, lora_B, scaling)
         else:
             y = torch.nn.functional.linear(x2d, weight, bias)
             y.addmm_(s, lora_B.t(), alpha=scaling)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, s)
+        # An NF4 weight is kept as such (a non-tensor on ctx), never its dequantized workspace.
+        ctx.save_for_backward(x, None if quantized_weight is not None else weight, lora_A, lora_B, s)
+        ctx.quantized_weight = quantized_weight
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.seed = seed
@@ -142,7 +159,8 @@ class LoRALinearFunction(torch.autograd.Function):
             if need_da:
                 grad_A = da.to(lora_A.dtype)
             if need_dx:
-                dx.addmm_(dy2d, weight)
+                base = weight if ctx.quantized_weight is None else _base_weight(ctx.quantized_weight, ctx.backend)
+                dx.addmm_(dy2d, base)
                 grad_x = dx.reshape(x.shape)
         if need_dw:  # only when the caller un-froze the base weight
             grad_w = dy2d.t() @ x2d
@@ -183,7 +201,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p):
 
 def fused_lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | NF4Weight,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
@@ -194,7 +212,8 @@ def fused_lora_linear(
 ) -> torch.Tensor:
     """Y = X W^T (+ bias) + scaling * dropout(X) A^T B^T, differentiable in x, A, B (and W, bias).
 
-    x: [..., in_features]; weight: [out_features, in_features]; lora_A: [r, in_features];
+    x: [..., in_features]; weight: [out_features, in_features], a tensor or a frozen
+    `kernels.nf4.NF4Weight` (its compute dtype must equal x.dtype); lora_A: [r, in_features];
     lora_B: [out_features, r]; dropout applies to the LoRA path only, only in training.
     """
     _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p)
@@ -202,7 +221,8 @@ def fused_lora_linear(
         raise ValueError(f"forward_impl must be one of {FORWARD_IMPLS}, got {forward_impl!r}")
     resolved = resolve_backend(backend, x.device)
     if x.numel() == 0:
-        return torch.nn.functional.linear(x, weight, bias)
+        base = weight.dequantize(backend=resolved) if isinstance(weight, NF4Weight) else weight
+        return torch.nn.functional.linear(x, base, bias)
     return LoRALinearFunction.apply(
         x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), resolved, forward_impl
     )

@@ -169,3 +169,94 @@ def test_fp8_base_weights_are_refused():
     float8 = torch.randn(4, 64).to(torch.float8_e4m3fn)
     with pytest.raises(TypeError, match="weight.dtype must be float32, float16 or bfloat16.*float8_e4m3fn"):
         quantize_nf4(float8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused LoRA op over an NF4 base: forward and gradients against the float64 reference on the
+# dequantized weight; the dequantized weight is not kept between forward and backward.
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_inputs(tokens, in_features, out_features, rank, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    x = rand(tokens, in_features)
+    bias = rand(out_features)
+    lora_A = rand(rank, in_features, scale=in_features**-0.5)
+    lora_B = rand(out_features, rank, scale=rank**-0.5)
+    grad_out = rand(tokens, out_features)
+    weight = quantize_nf4(rand(out_features, in_features, scale=in_features**-0.5), blocksize=64)
+    return x, weight, bias, lora_A, lora_B, grad_out
+
+
+def forward_backward(function, x, weight, bias, lora_A, lora_B, grad_out, dtype):
+    leaves = [t.to(dtype).clone().requires_grad_() for t in (x, bias, lora_A, lora_B)]
+    y = function(leaves[0], weight, leaves[1], leaves[2], leaves[3])
+    y.backward(grad_out.to(dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_fused_lora_over_nf4_matches_reference(backend, dtype):
+    from lorafusion.kernels import fused_lora_linear, lora_linear_reference
+
+    x, weight, bias, lora_A, lora_B, grad_out = lora_inputs(40, 96, 72, 8, dtype)
+    dequantized = weight.dequantize(backend="torch")
+    scaling = 2.0
+
+    def fused(x, w, b, a, b_):
+        return fused_lora_linear(x, w, b, a, b_, scaling, backend=backend)
+
+    def reference(x, w, b, a, b_):
+        return lora_linear_reference(x, w.to(x.dtype), b, a, b_, scaling)
+
+    got = forward_backward(fused, x, weight, bias, lora_A, lora_B, grad_out, dtype)
+    exact = forward_backward(reference, x, dequantized, bias, lora_A, lora_B, grad_out, torch.float64)
+    same_dtype = forward_backward(reference, x, dequantized, bias, lora_A, lora_B, grad_out, dtype)
+    for name, value, truth, torch_value in zip(("y", "dx", "dbias", "dA", "dB"), got, exact, same_dtype):
+        error = (value.double() - truth).abs().max().item()
+        magnitude = truth.abs().max().item()
+        if dtype == torch.float32:
+            bound = 1e-5 * max(magnitude, 1.0)
+        else:  # as accurate as torch in that dtype, plus one ulp for the interpreter's truncating casts
+            ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+            bound = 4 * (torch_value.double() - truth).abs().max().item() + ulp * magnitude
+        assert error <= bound, f"{name}: error {error:.3g} > bound {bound:.3g}"
+
+
+def test_nf4_weight_is_dequantized_again_in_backward_not_saved():
+    from lorafusion.kernels import fused_lora_linear
+
+    x, weight, bias, lora_A, lora_B, grad_out = lora_inputs(16, 64, 48, 4, torch.float32)
+    other = quantize_nf4(torch.randn(48, 64))  # a second layer of the same shape, sharing the workspace
+    lora_A.requires_grad_()
+    x.requires_grad_()
+    y = fused_lora_linear(x, weight, bias, lora_A, lora_B, 1.0, backend="triton")
+    saved = y.grad_fn.saved_tensors
+    assert all(t is None or t.numel() != weight.numel() for t in saved), "a dequantized weight was saved"
+    fused_lora_linear(x.detach(), other, None, lora_A.detach(), lora_B, 1.0, backend="triton")  # overwrites it
+    y.backward(grad_out)
+    dequantized = weight.dequantize()
+    expected_dx = grad_out @ dequantized + (grad_out @ lora_B) @ lora_A.detach()
+    torch.testing.assert_close(x.grad, expected_dx, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_of_one_shape_share_the_workspace():
+    from lorafusion.kernels.nf4 import dequantize_workspace
+
+    first = dequantize_workspace(torch.Size((48, 64)), torch.float16, torch.device("cpu"))
+    second = dequantize_workspace(torch.Size((32, 64)), torch.float16, torch.device("cpu"))
+    assert first.data_ptr() == second.data_ptr()
+
+
+def test_fused_lora_refuses_nf4_with_another_compute_dtype():
+    from lorafusion.kernels import fused_lora_linear
+
+    x, weight, bias, lora_A, lora_B, _ = lora_inputs(4, 64, 48, 4, torch.float32)
+    weight.to(torch.bfloat16)
+    with pytest.raises(TypeError, match=r"weight.dtype \(torch.bfloat16\) must match x.dtype \(torch.float32\)"):
+        fused_lora_linear(x, weight, None, lora_A, lora_B, 1.0, backend="torch")

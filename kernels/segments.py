@@ -78,7 +78,10 @@ def build_segment_meta(
     block_m: int = SEGMENT_BLOCK_M,
 ) -> SegmentMeta:
     """Segment i has segment_lengths[i] consecutive tokens trained by adapter segment_adapters[i];
-    adapter a has rank ranks[a], scaling scalings[a] and dropout probability dropout_ps[a]."""
+    adapter a has rank ranks[a], scaling scalings[a] and dropout probability dropout_ps[a].
+
+    An adapter of rank 0 adds nothing: its tokens get the base layer's output alone (a job whose
+    adapter does not target this layer)."""
     num_adapters = len(ranks)
     if not (len(scalings) == len(dropout_ps) == num_adapters) or num_adapters == 0:
         raise ValueError(
@@ -89,8 +92,8 @@ def build_segment_meta(
             f"segment_adapters and segment_lengths must have the same length, got {len(segment_adapters)} and {len(segment_lengths)}"
         )
     for a, r in enumerate(ranks):
-        if not 1 <= r <= MAX_RANK:
-            raise ValueError(f"adapter {a}: rank must be in 1..{MAX_RANK}, got {r}")
+        if not 0 <= r <= MAX_RANK:
+            raise ValueError(f"adapter {a}: rank must be in 0..{MAX_RANK}, got {r}")
     for a, p in enumerate(dropout_ps):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"adapter {a}: dropout probability must be in [0, 1), got {p}")

@@ -21,7 +21,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lorafusion.apply import apply_lora, find_target_modules, get_lora_config, lora_modules
+from lorafusion.apply import (
+    apply_lora,
+    find_target_modules,
+    get_lora_config,
+    get_multi_lora_configs,
+    lora_modules,
+    multi_lora_modules,
+)
 from lorafusion.config import LoRAConfig
 from lorafusion.modules import FusedLoRALinear
 
@@ -48,24 +55,58 @@ def _converted_modules(model: nn.Module) -> dict[str, FusedLoRALinear]:
     return modules
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's LoRA matrices under PEFT's key names, detached, on the CPU."""
-    return {
-        adapter_key(name, matrix): getattr(module, matrix).detach().to("cpu", copy=True).contiguous()
-        for name, module in _converted_modules(model).items()
-        for matrix in LORA_MATRICES
-    }
+def _multi_adapter(model: nn.Module, adapter: str | None) -> str:
+    configs = get_multi_lora_configs(model)
+    if adapter is None:
+        if len(configs) != 1:
+            raise ValueError(f"the model holds adapters {sorted(configs)}: name the one to save with adapter=...")
+        return next(iter(configs))
+    if adapter not in configs:
+        raise ValueError(f"no adapter named {adapter!r}; the model holds {sorted(configs)}")
+    return adapter
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+def adapter_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA matrices of the model's adapter (for a multi-adapter model, the one named
+    `adapter`) under PEFT's key names, detached, on the CPU."""
+    if get_multi_lora_configs(model):
+        adapter = _multi_adapter(model, adapter)
+        matrices = {
+            adapter_key(name, matrix): getattr(module, matrix)[adapter]
+            for name, module in multi_lora_modules(model).items()
+            if adapter in module.adapters
+            for matrix in LORA_MATRICES
+        }
+    else:
+        if adapter is not None:
+            raise ValueError(f"adapter={adapter!r} names an adapter of a multi-adapter model, but this model has one adapter")
+        matrices = {
+            adapter_key(name, matrix): getattr(module, matrix)
+            for name, module in _converted_modules(model).items()
+            for matrix in LORA_MATRICES
+        }
+    return {key: tensor.detach().to("cpu", copy=True).contiguous() for key, tensor in matrices.items()}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None = None) -> Path:
     """Write the model's adapter to directory `path` in PEFT's format; returns the path.
+
+    For a model converted by apply_multi_lora, `adapter` names the adapter to write (each adapter
+    is saved on its own, loadable by PEFT on the base model).
 
     Written atomically: both files go into a temporary directory beside `path`, which then takes
     its place, so `path` never holds a half-written adapter. An existing adapter directory at
     `path` is replaced; a directory holding anything else is refused rather than deleted.
     """
-    config = get_lora_config(model)
-    tensors = adapter_state_dict(model)
+    tensors = adapter_state_dict(model, adapter)
+    multi_configs = get_multi_lora_configs(model)
+    config = multi_configs[_multi_adapter(model, adapter)] if multi_configs else get_lora_config(model)
+    write_adapter_directory(tensors, config.to_peft_dict(), path)
+    return Path(path)
+
+
+def write_adapter_directory(tensors: dict[str, torch.Tensor], peft_config: dict, path: str | os.PathLike) -> None:
+    """Atomically write `tensors` and `peft_config` as an adapter directory at `path`."""
     target = Path(path)
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"save_adapter: {target} exists and is not a directory")
@@ -82,7 +123,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     try:
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         with open(staging / CONFIG_FILE, "w", encoding="utf-8") as handle:
-            json.dump(config.to_peft_dict(), handle, indent=2, sort_keys=True)
+            json.dump(peft_config, handle, indent=2, sort_keys=True)
             handle.write("\n")
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             with open(staging / name, "rb") as handle:
@@ -90,7 +131,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         _replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _replace_directory(source: Path, target: Path) -> None:

@@ -1,4 +1,5 @@
-"""apply_lora: put FusedLoRALinear adapters on the targeted nn.Linear layers of a model, as PEFT would."""
+"""apply_lora / apply_multi_lora: put LoRA adapters on the targeted nn.Linear layers of a model, as
+PEFT would: one FusedLoRALinear adapter, or many named adapters in MultiLoRALinear layers."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import re
 from torch import nn
 
 from lorafusion.config import ALL_LINEAR, LoRAConfig, normalized_target_modules
-from lorafusion.modules import FusedLoRALinear
+from lorafusion.modules import FusedLoRALinear, MultiLoRALinear
 
-# Attribute of the model where apply_lora records its config (read by save_adapter).
+# Attributes of the model where apply_lora records its config, and apply_multi_lora its configs
+# by adapter name (read by save_adapter).
 CONFIG_ATTRIBUTE = "lorafusion_config"
+MULTI_CONFIG_ATTRIBUTE = "lorafusion_multi_configs"
 
 _MAX_NAMES_IN_ERRORS = 20
 
@@ -26,7 +29,7 @@ def _output_layer(model: nn.Module) -> nn.Module | None:
 def _is_linear(module: nn.Module) -> bool:
     # A converted layer still counts as the linear it replaced, so targets resolve the same before
     # and after apply_lora (load_adapter compares them).
-    return isinstance(module, (nn.Linear, FusedLoRALinear))
+    return isinstance(module, (nn.Linear, FusedLoRALinear, MultiLoRALinear))
 
 
 def _name_matches(name: str, target_modules: list[str] | str) -> bool:
@@ -97,7 +100,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
-    if get_lora_config(model) is not None or lora_modules(model):
+    if _has_adapters(model):
         raise ValueError(
             f"{type(model).__name__} already has LoRA adapters; apply_lora converts a model once "
             "(use load_adapter to load other adapter weights into it)"
@@ -119,4 +122,60 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         layer.train(linear.training)
         setattr(model.get_submodule(parent_name), child_name, layer)
     setattr(model, CONFIG_ATTRIBUTE, config)
+    return model
+
+
+def _has_adapters(model: nn.Module) -> bool:
+    return (
+        get_lora_config(model) is not None
+        or bool(get_multi_lora_configs(model))
+        or any(isinstance(m, (FusedLoRALinear, MultiLoRALinear)) for m in model.modules())
+    )
+
+
+def multi_lora_modules(model: nn.Module) -> dict[str, MultiLoRALinear]:
+    """The MultiLoRALinear layers of `model` by full module name, in model order."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)}
+
+
+def get_multi_lora_configs(model: nn.Module) -> dict[str, LoRAConfig]:
+    """The LoRAConfig of each adapter apply_multi_lora put on `model` (empty if none)."""
+    return getattr(model, MULTI_CONFIG_ATTRIBUTE, {})
+
+
+def apply_multi_lora(model: nn.Module, configs: dict[str, LoRAConfig]) -> nn.Module:
+    """Give `model` one named LoRA adapter per entry of `configs` ({job name: LoRAConfig}).
+
+    Every nn.Linear targeted by at least one config becomes a MultiLoRALinear sharing its weight;
+    each adapter is added only to the layers its own target_modules select. Every other parameter
+    is frozen. Run the model inside `multi_lora_batch(model, batch)`. Returns the model, changed
+    in place.
+    """
+    if not isinstance(configs, dict) or not configs:
+        raise ValueError("configs must be a non-empty dict {adapter name: LoRAConfig}")
+    for name, config in configs.items():
+        if not isinstance(config, LoRAConfig):
+            raise TypeError(f"configs[{name!r}] must be a LoRAConfig, got {type(config).__name__}")
+    backends = sorted({config.backend for config in configs.values()})
+    if len(backends) > 1:
+        raise ValueError(f"all adapters of a model share one kernel backend, got backends {backends}")
+    if _has_adapters(model):
+        raise ValueError(f"{type(model).__name__} already has LoRA adapters; apply_multi_lora converts a model once")
+    targets = {name: find_target_modules(model, config.target_modules) for name, config in configs.items()}
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    layers: dict[str, MultiLoRALinear] = {}
+    for module_name in dict.fromkeys(n for names in targets.values() for n in names):
+        linear = model.get_submodule(module_name)
+        layer = MultiLoRALinear(linear, backend=backends[0])
+        layer.train(linear.training)
+        parent_name, _, child_name = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, layer)
+        layers[module_name] = layer
+    for adapter, config in configs.items():
+        for module_name in targets[adapter]:
+            layers[module_name].add_adapter(
+                adapter, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora
+            )
+    setattr(model, MULTI_CONFIG_ATTRIBUTE, dict(configs))
     return model

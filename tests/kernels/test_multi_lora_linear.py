@@ -162,7 +162,7 @@ def test_bad_segment_metadata():
         fused_multi_lora_linear(x, weight, bias, As[0], Bs[0], meta, backend="torch")
     with pytest.raises(ValueError, match="adapter index 3 is outside 0..0"):
         build_segment_meta([3], [10], [2], [1.0], [0.0], "cpu")
-    with pytest.raises(ValueError, match="rank must be in 1..256"):
+    with pytest.raises(ValueError, match="rank must be in 0..256"):
         build_segment_meta([0], [10], [300], [1.0], [0.0], "cpu")
     with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
         build_segment_meta([0], [10], [2], [1.0], [1.0], "cpu")

@@ -1,0 +1,222 @@
+"""MultiLoRALinear: one frozen base linear layer shared by many named LoRA adapters, each trained
+on its own token segments of a packed microbatch (lorafusion.kernels.fused_multi_lora_linear).
+
+Parameters are named as PEFT names a multi-adapter LoRA layer: `lora_A[name]` [r, in_features] and
+`lora_B[name]` [out_features, r] in ParameterDicts, beside the shared, frozen `weight` and `bias`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lorafusion.kernels import SegmentMeta, build_segment_meta, fused_multi_lora_linear, lora_scaling
+from lorafusion.modules.lora_linear import check_backend, check_lora_hyperparameters
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+
+    @property
+    def scaling(self) -> float:
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
+
+
+class MultiLoRABatch:
+    """The consecutive token segments of one packed microbatch and the adapter that trains each.
+
+    Segment i is `lengths[i]` consecutive tokens of the flattened input, trained by adapter
+    `adapter_names[i]`; a name may repeat, a length may be 0. Build it once per microbatch: the
+    kernels' segment metadata is derived once per distinct layer configuration and cached here,
+    so every layer of the model reuses it.
+    """
+
+    def __init__(self, adapter_names: Sequence[str], lengths: Sequence[int]) -> None:
+        if len(adapter_names) != len(lengths):
+            raise ValueError(
+                f"adapter_names and lengths need one entry per segment, got {len(adapter_names)} names "
+                f"and {len(lengths)} lengths"
+            )
+        for name in adapter_names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"adapter_names must be non-empty strings, got {name!r}")
+        for length in lengths:
+            if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+                raise ValueError(f"lengths must be integers >= 0, got {length!r}")
+        self.adapter_names = tuple(adapter_names)
+        self.lengths = tuple(lengths)
+        self._metas: dict[tuple, SegmentMeta] = {}
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.lengths)
+
+    def adapters_with_tokens(self) -> list[str]:
+        """Adapter names with at least one token, in order of first appearance."""
+        return list(dict.fromkeys(n for n, length in zip(self.adapter_names, self.lengths) if length > 0))
+
+    def segment_meta(
+        self, adapters: dict[str, tuple[int, float, float]], device: torch.device
+    ) -> SegmentMeta:
+        """Kernel metadata for a layer holding `adapters` (name -> (rank, scaling, dropout p), in the
+        order their weights are concatenated). Tokens of other adapters get the base output only."""
+        key = (tuple(adapters.items()), device)
+        meta = self._metas.get(key)
+        if meta is None:
+            index = {name: i for i, name in enumerate(adapters)}
+            passthrough = len(adapters)  # a rank-0 adapter: no LoRA term
+            segments = [(index.get(n, passthrough), length) for n, length in zip(self.adapter_names, self.lengths) if length > 0]
+            settings = list(adapters.values()) + [(0, 0.0, 0.0)]
+            meta = build_segment_meta(
+                [a for a, _ in segments], [length for _, length in segments],
+                [s[0] for s in settings], [s[1] for s in settings], [s[2] for s in settings], device,
+            )
+            self._metas[key] = meta
+        return meta
+
+    def __repr__(self) -> str:
+        return f"MultiLoRABatch(adapter_names={list(self.adapter_names)}, lengths={list(self.lengths)})"
+
+
+class MultiLoRALinear(nn.Module):
+    """y = x Wᵀ + b, plus for each token scaling_a · dropout_a(x) A_aᵀ B_aᵀ of its segment's adapter a.
+
+    Wraps `base_linear` (its weight and bias are shared, not copied, and frozen). Adapters are
+    added with `add_adapter`; `forward(x, batch)` takes x [tokens, in_features] (or [..., in_features],
+    flattened in order) and a `MultiLoRABatch` saying which adapter owns which tokens, or takes the
+    batch from an enclosing `multi_lora_batch(model, batch)` context. Each adapter's scaling and
+    dropout are its own, whatever it is batched with; dropout acts on the LoRA path only, in
+    training mode only. An adapter without tokens in a batch gets no gradient (None).
+    """
+
+    def __init__(self, base_linear: nn.Linear, backend: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(base_linear, nn.Linear):
+            raise TypeError(f"MultiLoRALinear wraps an nn.Linear, got {type(base_linear).__name__}")
+        check_backend(backend)
+        self.out_features, self.in_features = base_linear.weight.shape
+        self.weight = base_linear.weight.requires_grad_(False)
+        self.bias = base_linear.bias.requires_grad_(False) if base_linear.bias is not None else None
+        self.backend = backend
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.adapters: dict[str, AdapterSettings] = {}
+        self._context_batch: MultiLoRABatch | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapters)
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        """A new adapter, initialised as PEFT does (A Kaiming-uniform, B zero: the layer's output is
+        unchanged). `generator` seeds A's initialisation."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists in this layer")
+        check_lora_hyperparameters(r, lora_alpha, lora_dropout)
+        factory = {"dtype": self.weight.dtype, "device": self.weight.device}
+        lora_A = torch.empty(r, self.in_features, **factory)
+        # kaiming_uniform_(a=sqrt(5)) as nn.Linear and PEFT use: bound = 1 / sqrt(fan_in).
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            lora_A.uniform_(-bound, bound, generator=generator)
+        self.lora_A[name] = nn.Parameter(lora_A)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, **factory))
+        self.adapters[name] = AdapterSettings(r, lora_alpha, float(lora_dropout), bool(use_rslora))
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; this layer holds {self.adapter_names}")
+        del self.lora_A[name], self.lora_B[name], self.adapters[name]
+
+    def forward(self, x: torch.Tensor, batch: MultiLoRABatch | None = None) -> torch.Tensor:
+        explicit = batch is not None
+        batch = batch if explicit else self._context_batch
+        if batch is None:
+            raise ValueError(
+                "MultiLoRALinear.forward needs a MultiLoRABatch: call forward(x, batch) or run the "
+                "model inside `with multi_lora_batch(model, batch):`"
+            )
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"MultiLoRALinear expects input of shape [..., in_features={self.in_features}], got x of shape {tuple(x.shape)}"
+            )
+        if x.dtype != self.weight.dtype:
+            raise TypeError(f"MultiLoRALinear: x.dtype must equal the layer's dtype {self.weight.dtype}, got {x.dtype}")
+        names = batch.adapters_with_tokens()
+        held = [n for n in names if n in self.adapters]
+        if explicit and len(held) < len(names):
+            unknown = [n for n in names if n not in self.adapters]
+            raise ValueError(f"unknown adapter(s) {unknown} in the batch; this layer holds {self.adapter_names}")
+        if not held:
+            return F.linear(x, self.weight, self.bias)
+        settings = {
+            n: (a.r, a.scaling, a.lora_dropout if self.training else 0.0)
+            for n, a in ((n, self.adapters[n]) for n in held)
+        }
+        meta = batch.segment_meta(settings, x.device)
+        lora_A_cat, lora_B_cat = self._concatenated(held)
+        return fused_multi_lora_linear(x, self.weight, self.bias, lora_A_cat, lora_B_cat, meta, backend=self.backend)
+
+    def _concatenated(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B of `names` stacked along the rank (differentiable: each gradient flows back to
+        its own parameter)."""
+        for name in names:
+            r = self.adapters[name].r
+            for kind, shape in (("lora_A", (r, self.in_features)), ("lora_B", (self.out_features, r))):
+                actual = tuple(getattr(self, kind)[name].shape)
+                if actual != shape:
+                    raise ValueError(f"adapter {name!r}: {kind} must have shape {shape} for this layer, got {actual}")
+        if len(names) == 1:
+            return self.lora_A[names[0]], self.lora_B[names[0]]
+        return torch.cat([self.lora_A[n] for n in names]), torch.cat([self.lora_B[n] for n in names], dim=1)
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={a.r}, alpha={a.lora_alpha}, dropout={a.lora_dropout})" for n, a in self.adapters.items())
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"backend={self.backend!r}, adapters=[{adapters}]"
+        )
+
+
+@contextmanager
+def multi_lora_batch(model: nn.Module, batch: MultiLoRABatch) -> Iterator[MultiLoRABatch]:
+    """Hands `batch` to every MultiLoRALinear in `model` for the forward passes run inside.
+
+    Adapter names are checked against the adapters the model holds; a job whose adapter does not
+    target some layer gets that layer's base output for its tokens.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    if not layers:
+        raise ValueError("the model has no MultiLoRALinear layers; convert it with apply_multi_lora first")
+    known = set().union(*(layer.adapters for layer in layers))
+    unknown = [n for n in batch.adapters_with_tokens() if n not in known]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown} in the batch; the model holds {sorted(known)}")
+    previous = [layer._context_batch for layer in layers]
+    for layer in layers:
+        layer._context_batch = batch
+    try:
+        yield batch
+    finally:
+        for layer, before in zip(layers, previous):
+            layer._context_batch = before

@@ -140,8 +140,9 @@ class BackgroundPlanner:
 
     Packing of (group, global batch) ``g + 1, ..., g + lookahead`` is submitted as soon as the
     ordering reaches global batch ``g`` of that group, so the solver runs while the runtime trains
-    on batch ``g``. The result is identical to :func:`plan_schedule` with the same arguments
-    (packing and ordering are deterministic). ``executor`` is ``"process"`` (default: a solver
+    on batch ``g``. The result is identical to :func:`plan_schedule` with the same arguments as
+    long as no packing hits its time limit (packing and ordering are deterministic; what a MILP has
+    found when its time runs out depends on the machine's load). ``executor`` is ``"process"`` (default: a solver
     holding the GIL cannot slow the training loop's Python thread), ``"thread"``, or an existing
     :class:`concurrent.futures.Executor` (not shut down by this object).
 

@@ -228,9 +228,13 @@ def comparable(schedule: Schedule):
 
 @pytest.mark.parametrize("executor", ["thread", "process"])
 def test_background_planner_matches_synchronous_planning(executor):
-    jobs = [Job(f"j{k}", 6, [(37 * k + 101 * i) % 700 + 50 for i in range(30)]) for k in range(3)]
-    expected = plan_schedule(jobs, stages=3, capacity=1024, pad_multiple=8, time_limit_s=0.3)
-    with BackgroundPlanner(jobs, 3, 1024, pad_multiple=8, time_limit_s=0.3, executor=executor) as planner:
+    # Identity holds when no packing hits its time limit (a timeout depends on machine load), so the
+    # limit is generous here and the test checks that none timed out.
+    jobs = [Job(f"j{k}", 6, [(37 * k + 101 * i) % 500 + 50 for i in range(30)]) for k in range(3)]
+    expected = plan_schedule(jobs, stages=3, capacity=1024, pad_multiple=8, time_limit_s=30.0)
+    assert not any("timeout" in p.solver for p in expected.packings)
+    assert any(p.solver == "milp" for p in expected.packings)  # the MILP path is exercised
+    with BackgroundPlanner(jobs, 3, 1024, pad_multiple=8, time_limit_s=30.0, executor=executor) as planner:
         streamed = [next(iter(planner)) for _ in range(3)]  # the runtime pulls microbatches one by one
         schedule = planner.schedule()
     assert streamed == schedule.microbatches[:3]

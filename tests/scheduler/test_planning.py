@@ -24,7 +24,7 @@ from lorafusion.scheduler import (
     plan_schedule,
     verify_schedule,
 )
-from lorafusion.scheduler.packing import bin_load
+from lorafusion.scheduler.packing import SOLVERS, bin_load
 
 PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -63,6 +63,7 @@ def test_packing_never_uses_more_bins_than_greedy(items, pad_multiple):
     tokens = [n for _, n in items]
     result = pack(segments, tokens, 512, pad_multiple, time_limit_s=0.2)
     assert result.num_bins <= len(greedy_pack(segments, tokens, 512, pad_multiple))
+    assert result.solver in SOLVERS
     assert sorted(i for b in result.bins for i in b) == list(range(len(items)))
     assert all(bin_load(b, segments, tokens, pad_multiple) <= 512 for b in result.bins)
     assert list(result.loads) == sorted(result.loads, reverse=True)

@@ -160,6 +160,23 @@ class NF4Weight(nn.Module):
         """Bytes of everything stored: codes, statistics and tables."""
         return sum(buffer.numel() * buffer.element_size() for buffer in self.buffers())
 
+    def with_compute_dtype(self, dtype: torch.dtype) -> NF4Weight:
+        """The same stored weight (buffers shared, not copied) dequantizing to `dtype`."""
+        if dtype == self.dtype:
+            return self
+        return NF4Weight(
+            self.packed,
+            self.absmax,
+            tuple(self.shape),
+            dtype,
+            blocksize=self.blocksize,
+            code=self.code,
+            nested_absmax=self.nested_absmax,
+            nested_code=self.nested_code,
+            offset=self.offset,
+            nested_blocksize=self.nested_blocksize,
+        )
+
     def _apply(self, fn, recurse=True):
         # nn.Module.to(dtype) would cast the fp32 statistics; here a dtype only changes the compute
         # dtype, and only the device is applied to the buffers. The probe shows what fn would do.

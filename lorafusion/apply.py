@@ -9,6 +9,7 @@ from torch import nn
 
 from lorafusion.config import ALL_LINEAR, LoRAConfig, normalized_target_modules
 from lorafusion.modules import FusedLoRALinear, MultiLoRALinear
+from lorafusion.qlora import NF4Linear, check_quantize
 
 # Attributes of the model where apply_lora records its config, and apply_multi_lora its configs
 # by adapter name (read by save_adapter).
@@ -92,14 +93,30 @@ def get_lora_config(model: nn.Module) -> LoRAConfig | None:
     return getattr(model, CONFIG_ATTRIBUTE, None)
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+def apply_lora(
+    model: nn.Module,
+    config: LoRAConfig,
+    quantize: str | None = None,
+    quantize_other_linears: bool = False,
+    double_quant: bool = True,
+    blocksize: int = 64,
+) -> nn.Module:
     """Replace the targeted nn.Linear layers by FusedLoRALinear sharing their weights; freeze the rest.
 
     Every parameter but the new lora_A / lora_B is frozen. The config is recorded on the model for
     save_adapter. The model is modified in place and returned. Applying twice raises ValueError.
+
+    QLoRA: quantize="nf4" stores the targeted layers' base weights in 4-bit NF4 (`double_quant`,
+    `blocksize` as in bitsandbytes); with quantize_other_linears=True every other nn.Linear but the
+    output layer becomes a frozen `lorafusion.qlora.NF4Linear` too. Targeted
+    `bitsandbytes.nn.Linear4bit` layers keep their NF4 storage whatever `quantize` says.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    if quantize is not None:
+        check_quantize(quantize)
+    elif quantize_other_linears:
+        raise ValueError("quantize_other_linears=True needs quantize='nf4'")
     if _has_adapters(model):
         raise ValueError(
             f"{type(model).__name__} already has LoRA adapters; apply_lora converts a model once "
@@ -118,9 +135,23 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             lora_dropout=config.lora_dropout,
             use_rslora=config.use_rslora,
             backend=config.backend,
+            quantize=quantize,
+            double_quant=double_quant,
+            blocksize=blocksize,
         )
         layer.train(linear.training)
         setattr(model.get_submodule(parent_name), child_name, layer)
+    if quantize_other_linears:
+        output_layer = _output_layer(model)
+        others = [
+            (name, module)
+            for name, module in model.named_modules()
+            if type(module) is nn.Linear and module is not output_layer
+        ]
+        for name, linear in others:
+            parent_name, _, child_name = name.rpartition(".")
+            quantized = NF4Linear.from_linear(linear, blocksize, double_quant, backend=config.backend)
+            setattr(model.get_submodule(parent_name), child_name, quantized)
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lorafusion.kernels import BACKENDS, MAX_RANK, fused_lora_linear, lora_scaling
+from lorafusion.kernels.nf4 import NF4Weight
 
 
 def check_lora_hyperparameters(r: object, lora_alpha: object, lora_dropout: object) -> None:
@@ -80,18 +81,36 @@ class FusedLoRALinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         backend: str = "auto",
+        quantize: str | None = None,
+        double_quant: bool = True,
+        blocksize: int = 64,
     ) -> FusedLoRALinear:
-        """Wrap `linear`: its weight and bias Parameters are shared (not copied) and frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        """Wrap `linear`: its weight and bias Parameters are shared (not copied) and frozen.
+
+        QLoRA: with quantize="nf4" the base weight is stored in 4-bit NF4 (bitsandbytes' format,
+        `blocksize` elements per absmax, `double_quant` quantizing the absmax too) instead of being
+        shared; a `bitsandbytes.nn.Linear4bit` (NF4) is taken as it is, its storage shared.
+        """
+        from lorafusion import qlora
+
+        if quantize is not None:
+            qlora.check_quantize(quantize)
+        if qlora.is_linear4bit(linear):
+            weight, bias = qlora.nf4_from_linear4bit(linear)
+        elif not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear or bitsandbytes.nn.Linear4bit, got {type(linear).__name__}")
+        elif quantize is not None:
+            weight, bias = qlora.quantize_nf4(linear.weight, blocksize, double_quant), linear.bias
+        else:
+            weight, bias = linear.weight, linear.bias
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._attach(linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora, backend)
+        layer._attach(weight, bias, r, lora_alpha, lora_dropout, use_rslora, backend)
         return layer
 
     def _attach(
         self,
-        weight: nn.Parameter,
+        weight: nn.Parameter | NF4Weight,
         bias: nn.Parameter | None,
         r: int,
         lora_alpha: float,
@@ -101,10 +120,10 @@ class FusedLoRALinear(nn.Module):
     ) -> None:
         check_lora_hyperparameters(r, lora_alpha, lora_dropout)
         check_backend(backend)
-        if not weight.is_floating_point():
+        if not isinstance(weight, NF4Weight) and not weight.is_floating_point():
             raise TypeError(
                 f"the base weight must be a floating-point tensor, got {weight.dtype} "
-                "(quantized base layers are not supported)"
+                "(for a 4-bit base use from_linear(..., quantize='nf4'))"
             )
         self.out_features, self.in_features = weight.shape
         self.weight = weight.requires_grad_(False)
@@ -154,7 +173,8 @@ class FusedLoRALinear(nn.Module):
             # The fused op is a custom autograd function, which autocast does not cast: do what it
             # does for F.linear, so mixed-precision training (fp32 master weights) works unchanged.
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, weight, lora_A, lora_B = (tensor.to(dtype) for tensor in (x, weight, lora_A, lora_B))
+            x, lora_A, lora_B = (tensor.to(dtype) for tensor in (x, lora_A, lora_B))
+            weight = weight.with_compute_dtype(dtype) if self.quantized else weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
         return fused_lora_linear(
             x,
@@ -183,6 +203,13 @@ class FusedLoRALinear(nn.Module):
         """
         if self.merged:
             raise RuntimeError(f"{type(self).__name__}.merge(): the adapter is already merged into the weight")
+        if self.quantized:
+            raise RuntimeError(
+                f"{type(self).__name__}.merge(): the base weight is 4-bit NF4; adding scaling * B A and "
+                "re-quantizing to 4 bits would lose most of the update (it is far below one NF4 step). "
+                "Use lorafusion.qlora.export_merged(model, path, dtype=torch.bfloat16) to save a "
+                "dequantized, merged checkpoint instead"
+            )
         self.weight.add_(self.delta_weight())
         self.merged = True
 
@@ -194,6 +221,11 @@ class FusedLoRALinear(nn.Module):
             raise RuntimeError(f"{type(self).__name__}.unmerge(): the adapter is not merged into the weight")
         self.weight.sub_(self.delta_weight())
         self.merged = False
+
+    @property
+    def quantized(self) -> bool:
+        """True when the base weight is stored in 4-bit NF4 (an `NF4Weight`)."""
+        return isinstance(self.weight, NF4Weight)
 
     def extra_repr(self) -> str:
         return (

@@ -4,7 +4,9 @@ PEFT would: one FusedLoRALinear adapter, or many named adapters in MultiLoRALine
 from __future__ import annotations
 
 import re
+import zlib
 
+import torch
 from torch import nn
 
 from lorafusion.config import ALL_LINEAR, LoRAConfig, normalized_target_modules
@@ -174,16 +176,28 @@ def get_multi_lora_configs(model: nn.Module) -> dict[str, LoRAConfig]:
     return getattr(model, MULTI_CONFIG_ATTRIBUTE, {})
 
 
-def apply_multi_lora(model: nn.Module, configs: dict[str, LoRAConfig]) -> nn.Module:
+def adapter_init_generator(seed: int, module_name: str) -> torch.Generator:
+    """The generator that initialises an adapter's A in the module `module_name`: a function of the
+    job's seed and the module's name only, so a job starts from the same adapter whatever runs
+    beside it and however the model is split into pipeline stages."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{module_name}".encode()))
+
+
+def apply_multi_lora(
+    model: nn.Module, configs: dict[str, LoRAConfig], init_seeds: dict[str, int] | None = None
+) -> nn.Module:
     """Give `model` one named LoRA adapter per entry of `configs` ({job name: LoRAConfig}).
 
     Every nn.Linear targeted by at least one config becomes a MultiLoRALinear sharing its weight;
     each adapter is added only to the layers its own target_modules select. Every other parameter
-    is frozen. Run the model inside `multi_lora_batch(model, batch)`. Returns the model, changed
-    in place.
+    is frozen. With `init_seeds` ({job name: seed}), each adapter is initialised from its job's
+    seed and the module's name (see adapter_init_generator). Run the model inside
+    `multi_lora_batch(model, batch)`. Returns the model, changed in place.
     """
     if not isinstance(configs, dict) or not configs:
         raise ValueError("configs must be a non-empty dict {adapter name: LoRAConfig}")
+    if init_seeds is not None and set(init_seeds) != set(configs):
+        raise ValueError(f"init_seeds must name the same adapters as configs, got {sorted(init_seeds)} for {sorted(configs)}")
     for name, config in configs.items():
         if not isinstance(config, LoRAConfig):
             raise TypeError(f"configs[{name!r}] must be a LoRAConfig, got {type(config).__name__}")
@@ -205,8 +219,14 @@ def apply_multi_lora(model: nn.Module, configs: dict[str, LoRAConfig]) -> nn.Mod
         layers[module_name] = layer
     for adapter, config in configs.items():
         for module_name in targets[adapter]:
+            seed = None if init_seeds is None else init_seeds[adapter]
             layers[module_name].add_adapter(
-                adapter, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora
+                adapter,
+                r=config.r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                use_rslora=config.use_rslora,
+                generator=None if seed is None else adapter_init_generator(seed, module_name),
             )
     setattr(model, MULTI_CONFIG_ATTRIBUTE, dict(configs))
     return model

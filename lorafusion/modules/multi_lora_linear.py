@@ -127,19 +127,18 @@ class MultiLoRALinear(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         """A new adapter, initialised as PEFT does (A Kaiming-uniform, B zero: the layer's output is
-        unchanged). `generator` seeds A's initialisation."""
+        unchanged). `generator` (a CPU generator) seeds A's initialisation; A is drawn in fp32 on the
+        CPU and then cast, so the same seed gives the same adapter on any device and dtype."""
         if not isinstance(name, str) or not name or "." in name:
             raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer")
         check_lora_hyperparameters(r, lora_alpha, lora_dropout)
         factory = {"dtype": self.weight.dtype, "device": self.weight.device}
-        lora_A = torch.empty(r, self.in_features, **factory)
         # kaiming_uniform_(a=sqrt(5)) as nn.Linear and PEFT use: bound = 1 / sqrt(fan_in).
         bound = 1.0 / math.sqrt(self.in_features)
-        with torch.no_grad():
-            lora_A.uniform_(-bound, bound, generator=generator)
-        self.lora_A[name] = nn.Parameter(lora_A)
+        lora_A = torch.empty(r, self.in_features).uniform_(-bound, bound, generator=generator)
+        self.lora_A[name] = nn.Parameter(lora_A.to(**factory))
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, **factory))
         self.adapters[name] = AdapterSettings(r, lora_alpha, float(lora_dropout), bool(use_rslora))
 

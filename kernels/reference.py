@@ -79,14 +79,20 @@ def nf4_block_absmax_reference(weight) -> torch.Tensor:
     if not weight.double_quant:
         return weight.absmax
     scale = weight.nested_code[weight.absmax.long()]
-    nested_per_block = weight.nested_absmax.repeat_interleave(weight.nested_blocksize)[: scale.numel()]
-    return (scale * nested_per_block) + weight.offset
+    blocks, nested_blocksize = scale.numel(), weight.nested_blocksize
+    padded = torch.nn.functional.pad(scale, (0, -blocks % nested_blocksize))
+    scaled = (padded.view(-1, nested_blocksize) * weight.nested_absmax[:, None]).view(-1)[:blocks]
+    return scaled + weight.offset
 
 
 def nf4_dequantize_reference(weight) -> torch.Tensor:
     """An `NF4Weight` dequantized in plain torch: code[index] * absmax[block] in fp32, then cast to
     weight.dtype (rounded to nearest even). The CPU backend, and the Triton kernel's contract."""
-    packed = weight.packed.to(torch.int64)
-    indices = torch.stack((packed >> 4, packed & 15), dim=1).reshape(-1)[: weight.numel()]
-    absmax = nf4_block_absmax_reference(weight).repeat_interleave(weight.blocksize)[: weight.numel()]
-    return (weight.code[indices] * absmax).to(weight.dtype).view(weight.shape)
+    # Both elements of a byte in one lookup: a 256 x 2 table of (code[high nibble], code[low nibble]).
+    byte_values = torch.arange(256, device=weight.code.device)
+    pair_table = torch.stack((weight.code[byte_values >> 4], weight.code[byte_values & 15]), dim=1)
+    values = pair_table[weight.packed.long()].view(-1)
+    absmax = nf4_block_absmax_reference(weight)
+    padded = torch.nn.functional.pad(values, (0, absmax.numel() * weight.blocksize - values.numel()))
+    scaled = (padded.view(-1, weight.blocksize) * absmax[:, None]).view(-1)[: weight.numel()]
+    return scaled.to(weight.dtype).view(weight.shape)

@@ -10,3 +10,5 @@ from lorafusion.runtime.config import (
     load_config,
     parse_config,
 )
+from lorafusion.runtime.data import IGNORE_INDEX, DataError, Sample, load_jsonl_dataset
+from lorafusion.runtime.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer

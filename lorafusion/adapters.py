@@ -128,12 +128,12 @@ def write_adapter_directory(tensors: dict[str, torch.Tensor], peft_config: dict,
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             with open(staging / name, "rb") as handle:
                 os.fsync(handle.fileno())
-        _replace_directory(staging, target)
+        replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _replace_directory(source: Path, target: Path) -> None:
+def replace_directory(source: Path, target: Path) -> None:
     """Move `source` to `target`, replacing a directory there; rename is atomic, so `target` is
     either the old adapter, briefly absent, or the new one."""
     if not target.exists():

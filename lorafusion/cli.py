@@ -9,6 +9,8 @@ import sys
 # name -> (module under lorafusion.commands, one-line help). Modules are imported only when their
 # sub-command runs, so `lorafusion plan` never imports torch's CUDA bits or the kernels.
 SUBCOMMANDS = {
+    "train": ("train", "fine-tune several LoRA adapters together on one base model"),
+    "generate": ("generate", "complete a prompt with a base model and a trained adapter"),
     "plan": ("plan", "schedule several LoRA jobs into token-capped microbatches"),
 }
 

@@ -1,0 +1,34 @@
+"""`lorafusion train CONFIG.yaml`: fine-tune every job of the config together on one base model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="training YAML (see examples/quickstart.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in output_dir")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or summary table")
+    parser.add_argument(
+        "--stop-after", type=int, default=None, metavar="N", help="stop after N microbatches, as a killed run would"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorafusion.runtime.config import ConfigError, load_config
+    from lorafusion.runtime.trainer import MultiJobTrainer
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"lorafusion train: invalid config {args.config}:\n{error}", file=sys.stderr)
+        return 2
+    result = MultiJobTrainer(config, device=args.device, progress=not args.no_progress).train(
+        resume=args.resume, stop_after_microbatches=args.stop_after
+    )
+    failed = {name: job.failure for name, job in result.jobs.items() if job.status == "failed"}
+    for name, reason in failed.items():
+        print(f"lorafusion train: job {name!r} failed: {reason}", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,40 @@
+"""The base model of a training run: a local Hugging Face checkpoint, or an inline tiny config."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from .config import ModelSpec
+
+ARCHITECTURES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> transformers.PreTrainedModel:
+    """The frozen base model, in spec.dtype on `device`, with SDPA attention (it takes the
+    block-diagonal masks of packed microbatches). An inline config is initialised from spec.seed,
+    so every process of a run builds the same weights."""
+    dtype = DTYPES[spec.dtype]
+    if spec.path is not None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            spec.path, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
+        )
+    else:
+        config_class, model_class = ARCHITECTURES[spec.architecture]
+        config = config_class(**spec.config)
+        config._attn_implementation = "sdpa"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = model_class(config)
+        model = model.to(dtype)
+    model.config.use_cache = False
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.to(device)

@@ -1,0 +1,516 @@
+"""Multi-job LoRA training in one process: several adapters on one frozen base model, their samples
+packed together into the scheduler's microbatches.
+
+Each job has its own data order, optimizer and LR schedule. A microbatch's loss is, per job, the sum
+of its tokens' cross-entropy divided by the number of target tokens in that job's whole global batch,
+so when the global batch's last microbatch is done the job's gradient is that of its mean token loss
+over the global batch, exactly as if it had trained alone; then (and only then) the job steps.
+
+Files under output_dir:
+    schedule.json                the planned microbatches (reused on --resume, so the plan is identical)
+    base_model/                  the base model and tokenizer, for an inline model config
+    metrics.jsonl                one record per job optimizer step
+    checkpoints/<job>/           adapter (PEFT format) + trainer_state.pt, replaced atomically
+    <job>/                       the final adapter (PEFT format), or status.json for a failed job
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lorafusion.adapters import (
+    adapter_state_dict,
+    replace_directory,
+    save_adapter,
+    write_adapter_directory,
+)
+from lorafusion.apply import apply_multi_lora, get_multi_lora_configs, multi_lora_modules
+from lorafusion.config import LoRAConfig
+from lorafusion.modules import multi_lora_batch
+from lorafusion.scheduler import Job, Schedule, plan_schedule
+
+from .config import JobSpec, TrainConfig
+from .data import DataError, Sample, load_jsonl_dataset
+from .model import build_base_model
+from .packing import PackedMicrobatch, pack_samples, per_token_loss
+from .tokenizer import load_tokenizer
+
+STATE_FILE = "trainer_state.pt"
+SCHEDULE_FILE = "schedule.json"
+METRICS_FILE = "metrics.jsonl"
+STATUS_FILE = "status.json"
+
+
+@dataclass
+class JobRun:
+    """One job's data order, optimizer and progress."""
+
+    spec: JobSpec
+    samples: list[Sample] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)  # dataset indices in training order
+    num_steps: int = 0
+    target_tokens: list[int] = field(default_factory=list)  # per global batch
+    remaining: list[int] = field(default_factory=list)  # per global batch: samples not trained yet
+    optimizer: torch.optim.Optimizer | None = None
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    step: int = 0
+    status: str = "running"  # "running" | "finished" | "failed"
+    failure: str | None = None
+    batch_loss: float = 0.0
+    batch_tokens: int = 0
+    tokens_seen: int = 0
+    last_loss: float = math.nan
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        params = []
+        for layer in multi_lora_modules(model).values():
+            if self.name in layer.adapters:
+                params += [layer.lora_A[self.name], layer.lora_B[self.name]]
+        return params
+
+
+@dataclass
+class JobSummary:
+    status: str
+    steps: int
+    num_steps: int
+    final_loss: float
+    tokens: int
+    failure: str | None
+    adapter_dir: Path | None
+
+
+@dataclass
+class TrainResult:
+    jobs: dict[str, JobSummary]
+    microbatches_run: int
+    elapsed_s: float
+    interrupted: bool = False
+
+
+def training_order(num_samples: int, spec: JobSpec) -> list[int]:
+    """Dataset indices in the order the job trains on them: one seeded permutation per epoch,
+    as many epochs as max_steps or epochs need."""
+    if spec.max_steps is not None:
+        total = spec.max_steps * spec.global_batch_size
+    else:
+        total = math.ceil((spec.epochs if spec.epochs is not None else 1.0) * num_samples)
+    order: list[int] = []
+    epoch = 0
+    while len(order) < total:
+        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)
+        order += torch.randperm(num_samples, generator=generator).tolist()
+        epoch += 1
+    return order[:total]
+
+
+def lr_lambda(spec: JobSpec, num_steps: int):
+    """Multiplier of the job's lr at each step: linear warm-up, then constant, linear or cosine decay to 0."""
+
+    def multiplier(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / (spec.warmup_steps + 1)
+        if spec.lr_schedule == "constant":
+            return 1.0
+        progress = (step - spec.warmup_steps) / max(1, num_steps - spec.warmup_steps)
+        if spec.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return multiplier
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _write_json_atomically(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        json.dump(data, out, indent=1)
+        out.write("\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+class MultiJobTrainer:
+    """Trains every job of `config` together; see the module docstring for the outputs."""
+
+    def __init__(self, config: TrainConfig, device: torch.device | str | None = None, progress: bool = True):
+        self.config = config
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.progress = progress
+        self.output_dir = Path(config.output_dir)
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.jobs: dict[str, JobRun] = {}
+        for spec in config.jobs:
+            job = JobRun(spec)
+            try:
+                job.samples = load_jsonl_dataset(spec.data, spec.format, self.tokenizer, spec.max_seq_len)
+            except DataError as error:
+                job.status, job.failure = "failed", str(error)
+            self.jobs[spec.name] = job
+        self.model = build_base_model(config.model, self.device)
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{self.model.config.vocab_size}: set model.config.vocab_size >= {self.tokenizer.vocab_size}"
+            )
+        base_path = config.model.path or str(self.output_dir / "base_model")
+        lora_configs = {
+            spec.name: LoRAConfig(
+                r=spec.r,
+                lora_alpha=spec.lora_alpha,
+                lora_dropout=spec.lora_dropout,
+                use_rslora=spec.use_rslora,
+                target_modules=spec.target_modules,
+                task_type="CAUSAL_LM",
+                base_model_name_or_path=base_path,
+                backend=config.backend,
+            )
+            for spec in config.jobs
+        }
+        apply_multi_lora(self.model, lora_configs, init_seeds={spec.name: spec.seed for spec in config.jobs})
+        for job in self.jobs.values():
+            self._prepare(job)
+
+    def _prepare(self, job: JobRun) -> None:
+        if job.status == "failed":
+            return
+        spec = job.spec
+        job.order = training_order(len(job.samples), spec)
+        job.num_steps = math.ceil(len(job.order) / spec.global_batch_size)
+        job.target_tokens, job.remaining = [], []
+        for g in range(job.num_steps):
+            batch = job.order[g * spec.global_batch_size : (g + 1) * spec.global_batch_size]
+            job.target_tokens.append(sum(job.samples[i].num_target_tokens for i in batch))
+            job.remaining.append(len(batch))
+        job.optimizer = torch.optim.AdamW(job.parameters(self.model), lr=spec.lr, weight_decay=spec.weight_decay)
+        job.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(job.optimizer, lr_lambda(spec, job.num_steps))
+
+    # ---- planning -------------------------------------------------------------------------------
+
+    def _fingerprint(self) -> dict:
+        """What the schedule and checkpoints depend on; a resumed run must match it."""
+        return {
+            name: {
+                "data": _file_digest(Path(job.spec.data)),
+                "spec": {k: str(v) for k, v in vars(job.spec).items()},
+            }
+            for name, job in self.jobs.items()
+        } | {"capacity": self.config.scheduler.capacity, "pad_multiple": self.config.scheduler.pad_multiple}
+
+    def plan(self, resume: bool) -> Schedule:
+        path = self.output_dir / SCHEDULE_FILE
+        fingerprint = self._fingerprint()
+        if resume and path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"{path} was planned for other jobs or data than this config describes; "
+                    "resume with the original config, or start a new output_dir"
+                )
+            return Schedule.from_json_dict(saved)
+        scheduler_jobs = [
+            Job(name, job.spec.global_batch_size, [len(job.samples[i].input_ids) for i in job.order])
+            for name, job in self.jobs.items()
+            if job.status == "running"
+        ]
+        spec = self.config.scheduler
+        schedule = plan_schedule(
+            scheduler_jobs,
+            stages=self.config.parallel.pipeline_stages,
+            capacity=spec.capacity,
+            pad_multiple=spec.pad_multiple,
+            time_limit_s=spec.time_limit_s,
+            use_milp=spec.solver == "milp",
+        )
+        _write_json_atomically(path, schedule.to_json_dict() | {"fingerprint": fingerprint})
+        return schedule
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def _checkpoint_dir(self, job: JobRun) -> Path:
+        return self.output_dir / "checkpoints" / job.name
+
+    def save_checkpoint(self, job: JobRun) -> None:
+        """Adapter + optimizer + LR schedule + position, written to a temporary directory that then
+        replaces the job's checkpoint, so a kill never leaves a half-written one."""
+        target = self._checkpoint_dir(job)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{job.name}.tmp-", dir=target.parent))
+        try:
+            config = get_multi_lora_configs(self.model)[job.name]
+            write_adapter_directory(adapter_state_dict(self.model, job.name), config.to_peft_dict(), staging / "adapter")
+            state = {
+                "step": job.step,
+                "tokens_seen": job.tokens_seen,
+                "last_loss": job.last_loss,
+                "optimizer": job.optimizer.state_dict(),
+                "lr_scheduler": job.lr_scheduler.state_dict(),
+            }
+            with open(staging / STATE_FILE, "wb") as handle:
+                torch.save(state, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            replace_directory(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _restore(self, job: JobRun) -> None:
+        status_file = self.output_dir / job.name / STATUS_FILE
+        if status_file.is_file():
+            status = json.loads(status_file.read_text(encoding="utf-8"))
+            job.status, job.failure = status["status"], status.get("failure")
+            if job.status == "failed":
+                return
+        checkpoint = self._checkpoint_dir(job)
+        if not (checkpoint / STATE_FILE).is_file():
+            return
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
+        layers = multi_lora_modules(self.model)
+        with torch.no_grad():
+            for key, tensor in tensors.items():
+                module_name, matrix = key.removeprefix("base_model.model.").rsplit(".", 2)[:2]
+                getattr(layers[module_name], matrix)[job.name].copy_(tensor)
+        state = torch.load(checkpoint / STATE_FILE, map_location=self.device, weights_only=True)
+        job.optimizer.load_state_dict(state["optimizer"])
+        job.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        job.step, job.tokens_seen, job.last_loss = state["step"], state["tokens_seen"], state["last_loss"]
+        for g in range(job.step):
+            job.remaining[g] = 0
+        if job.step == job.num_steps:
+            job.status = "finished"
+
+    def _clear_previous_run(self) -> None:
+        """A fresh run in a used output_dir starts clean: no stale checkpoints, statuses or metrics."""
+        shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
+        (self.output_dir / METRICS_FILE).unlink(missing_ok=True)
+        for job in self.jobs.values():
+            if job.status == "running":
+                (self.output_dir / job.name / STATUS_FILE).unlink(missing_ok=True)
+
+    def _truncate_metrics(self) -> None:
+        """Drop records of steps a resumed run will redo (after each job's last checkpoint)."""
+        path = self.output_dir / METRICS_FILE
+        if not path.is_file():
+            return
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = [r for r in records if r["job"] in self.jobs and r["step"] <= self.jobs[r["job"]].step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+    # ---- training -------------------------------------------------------------------------------
+
+    def train(
+        self, resume: bool = False, stop_after_microbatches: int | None = None, schedule: Schedule | None = None
+    ) -> TrainResult:
+        """Run every job to its end. `stop_after_microbatches` stops early without final outputs,
+        as a killed run would (for tests and for trying a config briefly). `schedule` replaces the
+        planned one (samples of jobs this trainer does not have are skipped): e.g. to train one
+        job alone on exactly the microbatches it had in a multi-job run."""
+        started = time.perf_counter()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.model.path is None:
+            self._save_inline_base_model()
+        for job in self.jobs.values():
+            if job.status == "failed":
+                self._write_status(job)
+        schedule = schedule or self.plan(resume)
+        if resume:
+            for job in self.jobs.values():
+                if job.status == "running":
+                    self._restore(job)
+            self._truncate_metrics()
+        else:
+            self._clear_previous_run()
+        bars = self._progress_bars()
+        self._started = started
+        run = 0
+        try:
+            for position, microbatch in enumerate(schedule.microbatches):
+                entries = [
+                    ref
+                    for ref in microbatch.samples
+                    if ref.job in self.jobs
+                    and self.jobs[ref.job].status == "running"
+                    and self.jobs[ref.job].remaining[ref.global_batch] > 0
+                ]
+                if not entries:
+                    continue
+                self._run_microbatch(position, entries, bars)
+                run += 1
+                if stop_after_microbatches is not None and run >= stop_after_microbatches:
+                    return self._result(run, started, interrupted=True)
+        finally:
+            for bar in bars.values():
+                bar.close()
+        result = self._result(run, started)
+        if self.progress:
+            print_summary(result)
+        return result
+
+    def _seed_microbatch(self, position: int) -> None:
+        # Dropout masks come from torch's generator: seeding it by the microbatch's position makes
+        # the draws a function of the schedule (the RNG state a checkpoint would otherwise keep).
+        torch.manual_seed(self.config.model.seed * 1_000_003 + position)
+
+    def _run_microbatch(self, position: int, refs: list, bars: dict) -> None:
+        self._seed_microbatch(position)
+        losses = self._forward(refs)
+        bad = [name for name, loss in losses.items() if not torch.isfinite(loss)]
+        if bad:
+            self._isolate_failures(refs, bad)
+            refs = [ref for ref in refs if self.jobs[ref.job].status == "running"]
+            if not refs:
+                return
+            self._seed_microbatch(position)
+            losses = self._forward(refs)
+        sum(losses.values()).backward()
+        for name, loss in losses.items():
+            self.jobs[name].batch_loss += loss.item()
+        for ref in refs:
+            job = self.jobs[ref.job]
+            job.batch_tokens += ref.tokens
+            job.tokens_seen += ref.tokens
+            job.remaining[ref.global_batch] -= 1
+            if job.remaining[ref.global_batch] == 0:
+                self._step(job, ref.global_batch, bars)
+
+    def _forward(self, refs: list) -> dict[str, torch.Tensor]:
+        """Each job's share of the microbatch loss (token cross-entropy sum / its global batch's target tokens)."""
+        entries = [(ref.job, self.jobs[ref.job].samples[self.jobs[ref.job].order[ref.index]]) for ref in refs]
+        packed = pack_samples(entries, self.device)
+        with multi_lora_batch(self.model, packed.lora_batch):
+            logits = self.model(
+                input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.attention_mask
+            ).logits
+        return self._job_losses(packed, per_token_loss(logits, packed.labels), refs)
+
+    def _job_losses(self, packed: PackedMicrobatch, token_losses: torch.Tensor, refs: list) -> dict[str, torch.Tensor]:
+        names = list(dict.fromkeys(packed.jobs))
+        job_of_sample = torch.tensor([names.index(j) for j in packed.jobs], device=token_losses.device)
+        sums = token_losses.new_zeros(len(names)).index_add(0, job_of_sample[packed.sample_of_token], token_losses)
+        batch_of_job = {ref.job: ref.global_batch for ref in refs}
+        return {name: sums[i] / self.jobs[name].target_tokens[batch_of_job[name]] for i, name in enumerate(names)}
+
+    def _isolate_failures(self, refs: list, suspects: list[str]) -> None:
+        """Non-finite values in one sample can reach others through the attention kernels, so a
+        non-finite loss is attributed by re-running each suspect job's samples alone."""
+        for name in suspects:
+            own = [ref for ref in refs if ref.job == name]
+            with torch.no_grad():
+                loss = self._forward(own)[name]
+            if not torch.isfinite(loss):
+                self._fail(self.jobs[name], f"non-finite loss ({loss.item()}) in global batch {own[0].global_batch}")
+
+    def _fail(self, job: JobRun, reason: str) -> None:
+        job.status, job.failure = "failed", reason
+        job.optimizer.zero_grad(set_to_none=True)
+        self._write_status(job)
+
+    def _write_status(self, job: JobRun) -> None:
+        _write_json_atomically(self.output_dir / job.name / STATUS_FILE, {"status": job.status, "failure": job.failure})
+
+    def _step(self, job: JobRun, global_batch: int, bars: dict) -> None:
+        assert global_batch == job.step, f"job {job.name}: batch {global_batch} completed before batch {job.step}"
+        params = [p for group in job.optimizer.param_groups for p in group["params"]]
+        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
+            self._fail(job, f"non-finite gradient at step {job.step + 1}")
+            return
+        job.optimizer.step()
+        job.lr_scheduler.step()
+        job.optimizer.zero_grad(set_to_none=True)
+        if not all(torch.isfinite(p).all() for p in params):
+            self._fail(job, f"non-finite parameters after step {job.step + 1}")
+            return
+        job.step += 1
+        job.last_loss = job.batch_loss
+        elapsed = time.perf_counter() - self._started
+        record = {
+            "job": job.name,
+            "step": job.step,
+            "loss": job.batch_loss,
+            "tokens": job.batch_tokens,
+            "lr": job.lr_scheduler.get_last_lr()[0],
+            "tokens_per_s": job.tokens_seen / elapsed if elapsed > 0 else 0.0,
+            "elapsed_s": elapsed,
+        }
+        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as out:
+            out.write(json.dumps(record) + "\n")
+        job.batch_loss, job.batch_tokens = 0.0, 0
+        if job.name in bars:
+            bars[job.name].update(1)
+            bars[job.name].set_postfix(loss=f"{job.last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        every = self.config.checkpoint_every
+        if job.step == job.num_steps:
+            job.status = "finished"
+            save_adapter(self.model, self.output_dir / job.name, adapter=job.name)
+            self._write_status(job)
+            self.save_checkpoint(job)
+        elif every and job.step % every == 0:
+            self.save_checkpoint(job)
+
+    # ---- reporting ------------------------------------------------------------------------------
+
+    def _save_inline_base_model(self) -> None:
+        """An inline model exists only as a seed: save it once, so PEFT and `lorafusion generate`
+        can load the trained adapters onto the same weights."""
+        target = self.output_dir / "base_model"
+        if (target / "config.json").is_file():
+            return
+        fresh = build_base_model(self.config.model, "cpu")
+        fresh.save_pretrained(target)
+        self.tokenizer.save_pretrained(target)
+
+    def _progress_bars(self) -> dict:
+        if not self.progress:
+            return {}
+        from tqdm.auto import tqdm
+
+        return {
+            name: tqdm(total=job.num_steps, initial=job.step, desc=f"{name:>12}", position=i, unit="step", dynamic_ncols=True)
+            for i, (name, job) in enumerate(self.jobs.items())
+            if job.status == "running"
+        }
+
+    def _result(self, microbatches: int, started: float, interrupted: bool = False) -> TrainResult:
+        summaries = {
+            name: JobSummary(
+                status=job.status,
+                steps=job.step,
+                num_steps=job.num_steps,
+                final_loss=job.last_loss,
+                tokens=job.tokens_seen,
+                failure=job.failure,
+                adapter_dir=self.output_dir / name if job.status == "finished" else None,
+            )
+            for name, job in self.jobs.items()
+        }
+        return TrainResult(summaries, microbatches, time.perf_counter() - started, interrupted)
+
+
+def print_summary(result: TrainResult) -> None:
+    print(f"\n{'job':>14}  {'status':>8}  {'steps':>9}  {'loss':>8}  {'tokens':>9}  output")
+    for name, job in result.jobs.items():
+        where = str(job.adapter_dir) if job.adapter_dir else (job.failure or "")
+        print(f"{name:>14}  {job.status:>8}  {job.steps:>4}/{job.num_steps:<4}  {job.final_loss:8.4f}  {job.tokens:9d}  {where}")
+    total = sum(job.tokens for job in result.jobs.values())
+    print(f"{result.microbatches_run} microbatches, {total} tokens in {result.elapsed_s:.1f} s ({total / max(result.elapsed_s, 1e-9):.0f} tokens/s)")

@@ -1,0 +1,184 @@
+"""End-to-end multi-job training on a tiny Llama (CPU, torch backend, dropout 0): packed attention
+equals each sample alone, multi-job training equals each job alone on the same microbatches, loss
+falls, kill-and-resume equals an uninterrupted run, failures stay with their job, PEFT loads outputs."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from lorafusion import multi_lora_modules
+from lorafusion.modules import MultiLoRABatch, multi_lora_batch
+from lorafusion.runtime.config import ModelSpec, parse_config
+from lorafusion.runtime.data import Sample
+from lorafusion.runtime.model import build_base_model
+from lorafusion.runtime.packing import pack_samples, per_token_loss
+from lorafusion.runtime.trainer import MultiJobTrainer
+
+TINY_MODEL = {
+    "architecture": "llama",
+    "config": {
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 260, "max_position_embeddings": 64,
+    },
+    "seed": 3,
+}
+
+
+def write_jobs_data(directory: Path) -> dict[str, Path]:
+    rng = random.Random(0)
+    files = {
+        "add": [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ((rng.randrange(50), rng.randrange(50)) for _ in range(40))],
+        "rev": [{"prompt": f"{w}>", "completion": w[::-1]} for w in ("".join(rng.choice("abcde") for _ in range(rng.randrange(2, 7))) for _ in range(40))],
+        "txt": [{"text": "ab" * rng.randrange(2, 9)} for _ in range(40)],
+    }
+    paths = {}
+    for name, records in files.items():
+        paths[name] = directory / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in records))
+    return paths
+
+
+def make_config(tmp_path: Path, jobs=("add", "rev", "txt"), output="run", **overrides):
+    paths = write_jobs_data(tmp_path)
+    job_settings = {
+        "add": dict(r=4, lora_alpha=8, lr=1e-2, global_batch_size=8, max_steps=4, seed=1),
+        "rev": dict(r=8, lora_alpha=8, lr=5e-3, global_batch_size=6, max_steps=5, seed=2),
+        "txt": dict(r=2, lora_alpha=4, lr=1e-2, global_batch_size=5, max_steps=3, seed=3),
+    }
+    data = {
+        "model": TINY_MODEL,
+        "jobs": [
+            {"name": name, "data": str(paths[name]), "format": "text" if name == "txt" else "prompt_completion",
+             "max_seq_len": 24, **job_settings[name], **overrides.get(name, {})}
+            for name in jobs
+        ],
+        "scheduler": {"capacity": 96, "solver": "greedy"},
+        "output_dir": str(tmp_path / output),
+        "checkpoint_every": overrides.get("checkpoint_every", 2),
+        "backend": "torch",
+    }
+    return parse_config(data, base_dir=tmp_path)
+
+
+def adapters(trainer: MultiJobTrainer, job: str) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{matrix}": getattr(layer, matrix)[job].detach().clone()
+        for name, layer in multi_lora_modules(trainer.model).items()
+        if job in layer.adapters
+        for matrix in ("lora_A", "lora_B")
+    }
+
+
+def assert_adapters_close(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=atol, msg=key)
+
+
+def test_packed_microbatch_equals_each_sample_alone():
+    model = build_base_model(make_spec_model())
+    samples = [Sample(1, (257, 5, 6, 7, 8, 258), (-100, -100, 6, 7, 8, 258)), Sample(2, (257, 9, 10, 258), (-100, 9, 10, 258)),
+               Sample(3, (257, 11, 258), (-100, 11, 258))]
+    packed = pack_samples([("a", s) for s in samples])
+    with torch.no_grad():
+        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.attention_mask).logits
+        losses = per_token_loss(logits, packed.labels)
+        start = 0
+        for sample in samples:
+            alone = model(input_ids=torch.tensor([sample.input_ids])).logits
+            n = len(sample.input_ids)
+            torch.testing.assert_close(logits[:, start : start + n], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(losses[start : start + n], per_token_loss(alone, torch.tensor([sample.labels])), rtol=1e-5, atol=1e-6)
+            start += n
+    # The first label of every sample is ignored, so no loss crosses sample boundaries.
+    assert losses[0] == 0 and losses[6] == 0 and losses[10] == 0
+
+
+def make_spec_model():
+    return ModelSpec(path=None, architecture="llama", config=TINY_MODEL["config"], dtype="float32",
+                     gradient_checkpointing=False, seed=3, quantize=None)
+
+
+def test_multi_job_training_equals_each_job_alone_on_the_same_microbatches(tmp_path):
+    together = MultiJobTrainer(make_config(tmp_path), progress=False)
+    result = together.train()
+    assert all(job.status == "finished" for job in result.jobs.values()), result.jobs
+    schedule = together.plan(resume=True)
+    assert any(len({ref.job for ref in mb.samples}) > 1 for mb in schedule.microbatches)  # jobs really mixed
+    for job in ("add", "rev", "txt"):
+        alone = MultiJobTrainer(make_config(tmp_path, jobs=(job,), output=f"alone-{job}"), progress=False)
+        alone.train(schedule=schedule)
+        assert_adapters_close(adapters(together, job), adapters(alone, job))
+
+
+def test_loss_falls_and_metrics_are_written(tmp_path):
+    # The base is random: the adapter on lm_head is what can learn the answers' token distribution.
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    config = make_config(tmp_path, jobs=("add",), add=dict(max_steps=12, lr=3e-2, lr_schedule="constant", target_modules=targets))
+    MultiJobTrainer(config, progress=False).train()
+    records = [json.loads(line) for line in (config.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert {"job", "step", "loss", "tokens"} <= records[0].keys() and records[0]["tokens"] > 0
+    assert max(r["loss"] for r in records[-3:]) < 0.7 * records[0]["loss"]
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+    uninterrupted = MultiJobTrainer(make_config(tmp_path, output="full"), progress=False)
+    uninterrupted.train()
+    killed = MultiJobTrainer(make_config(tmp_path, output="resumed"), progress=False)
+    assert killed.train(stop_after_microbatches=5).interrupted
+    assert (tmp_path / "resumed" / "checkpoints").is_dir()
+    resumed = MultiJobTrainer(make_config(tmp_path, output="resumed"), progress=False)
+    result = resumed.train(resume=True)
+    assert all(job.status == "finished" for job in result.jobs.values())
+    for job in ("add", "rev", "txt"):
+        assert_adapters_close(adapters(uninterrupted, job), adapters(resumed, job))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines() if '"add"' in line]
+    assert sorted(steps) == [1, 2, 3, 4]  # steps redone after the checkpoint are logged once
+
+
+def test_a_diverging_job_is_stopped_and_the_others_are_unaffected(tmp_path):
+    config = make_config(tmp_path, add=dict(lr=1e30))
+    trainer = MultiJobTrainer(config, progress=False)
+    result = trainer.train()
+    assert result.jobs["add"].status == "failed" and "non-finite" in result.jobs["add"].failure
+    assert json.loads((config.output_dir / "add" / "status.json").read_text())["status"] == "failed"
+    assert result.jobs["rev"].status == result.jobs["txt"].status == "finished"
+    clean = MultiJobTrainer(make_config(tmp_path, jobs=("rev",), output="clean"), progress=False)
+    clean.train(schedule=trainer.plan(resume=True))
+    assert_adapters_close(adapters(trainer, "rev"), adapters(clean, "rev"), atol=1e-5)
+
+
+def test_a_bad_record_stops_only_its_job(tmp_path):
+    config = make_config(tmp_path)
+    with open(config.jobs[1].data, "a") as out:
+        out.write('{"prompt": "x"}\n')  # no completion: record 41
+    result = MultiJobTrainer(config, progress=False).train()
+    assert result.jobs["rev"].status == "failed" and "41" in result.jobs["rev"].failure
+    assert result.jobs["add"].status == result.jobs["txt"].status == "finished"
+
+
+def test_outputs_load_in_peft(tmp_path):
+    config = make_config(tmp_path, jobs=("add", "rev"))
+    trainer = MultiJobTrainer(config, progress=False)
+    trainer.train()
+    out = config.output_dir
+    assert (out / "add" / "adapter_model.safetensors").is_file()
+    base = transformers.AutoModelForCausalLM.from_pretrained(out / "base_model", local_files_only=True)
+    peft_model = peft.PeftModel.from_pretrained(base, out / "rev").eval()
+    ids = torch.tensor([[257, 10, 11, 12, 13]])
+    trainer.model.eval()
+    with torch.no_grad(), multi_lora_batch(trainer.model, MultiLoRABatch(["rev"], [5])):
+        ours = trainer.model(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
+    saved = load_file(out / "rev" / "adapter_model.safetensors")
+    assert any(key.endswith("lora_B.weight") and value.abs().sum() > 0 for key, value in saved.items())

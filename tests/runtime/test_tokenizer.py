@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 from lorafusion.runtime.tokenizer import BYTE_TOKENIZER_FILE, ByteTokenizer, HFTokenizer, load_tokenizer
 
 
-@pytest.mark.parametrize("text", ["", "hello, world", "12+7=19", "héllo wörld", "日本語 ✓ 🙂", "line\nbreak\t\x00"])
+TEXTS = ["", "hello, world", "12+7=19", "héllo wörld", "日本語 ✓ 🙂", "line\nbreak\t\x00"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
 def test_round_trip(text: str) -> None:
     tokenizer = ByteTokenizer()
     ids = tokenizer.encode(text)

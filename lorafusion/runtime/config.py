@@ -292,6 +292,9 @@ def _parse_model(checker: _Checker, section: object, uses_byte_tokenizer: bool) 
 
 
 def _check_inline_config(checker: _Checker, config: dict, uses_byte_tokenizer: bool) -> None:
+    for key in config:
+        if not isinstance(key, str):  # the config is passed on as keyword arguments
+            checker.add("model.config", f"keys must be strings, got {key!r}")
     for key in REQUIRED_INLINE_CONFIG_KEYS:
         if key not in config:
             checker.add(f"model.config.{key}", "required key is missing")

@@ -269,6 +269,7 @@ def test_top_level_validation(base_dir: Path, data_changes: dict, key: str, reas
         (with_inline_config(num_hidden_layers=0), "model.config.num_hidden_layers", None),
         (with_inline_config(num_hidden_layers=None), "model.config.num_hidden_layers", "required key is missing"),
         ({**TINY_MODEL, "config": [1, 2]}, "model.config", "must be a mapping, got a list"),
+        ({**TINY_MODEL, "config": {**TINY_MODEL["config"], 7: 1}}, "model.config", "keys must be strings, got 7"),
     ],
 )
 def test_model_validation(base_dir: Path, model: dict, key: str, reason: str | None) -> None:

@@ -10,13 +10,18 @@ backward  dS, dB_cat = multi_lora_dy(dY)         one pass over dY              (
 
 An adapter's scaling and dropout are its own (alpha / r or alpha / sqrt(r)), whatever it is
 mixed with, and dropout touches only the LoRA path, with one seed for forward and backward.
+
+An NF4 base (`kernels.nf4.NF4Weight`, QLoRA) is handled as in the single-adapter op: dequantized
+into the shared workspace right before `Y += X W^T`, and again in backward right before
+`dX += dY W`; the dequantized weight is never saved between them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .lora_linear import SUPPORTED_DTYPES, resolve_backend
+from .lora_linear import SUPPORTED_DTYPES, _base_weight, resolve_backend
+from .nf4 import NF4Weight
 from .reference import torch_keep_mask
 from .segments import SegmentMeta
 from .utils import new_dropout_seed
@@ -124,8 +129,12 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         seed = new_dropout_seed(x.device) if meta.has_dropout else 0
         s = ops.down(x2d, lora_A_cat, meta, seed)
         y = ops.up(s, lora_B_cat, bias, meta)
+        quantized_weight = weight if isinstance(weight, NF4Weight) else None
+        weight = _base_weight(weight, backend)
         y.addmm_(x2d, weight.t())
-        ctx.save_for_backward(x, weight, lora_A_cat, lora_B_cat, s)
+        # An NF4 weight is kept as such (a non-tensor on ctx), never its dequantized workspace.
+        ctx.save_for_backward(x, None if quantized_weight is not None else weight, lora_A_cat, lora_B_cat, s)
+        ctx.quantized_weight = quantized_weight
         ctx.meta, ctx.seed, ctx.backend, ctx.has_bias = meta, seed, backend, bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -148,7 +157,8 @@ class MultiLoRALinearFunction(torch.autograd.Function):
             if need_da:
                 grad_A = da.to(lora_A_cat.dtype)
             if need_dx:
-                dx.addmm_(dy2d, weight)
+                base = weight if ctx.quantized_weight is None else _base_weight(ctx.quantized_weight, ctx.backend)
+                dx.addmm_(dy2d, base)
                 grad_x = dx.reshape(x.shape)
         if need_dw:
             grad_w = dy2d.t() @ x2d
@@ -159,7 +169,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
 
 def fused_multi_lora_linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | NF4Weight,
     bias: torch.Tensor | None,
     lora_A_cat: torch.Tensor,
     lora_B_cat: torch.Tensor,
@@ -169,8 +179,10 @@ def fused_multi_lora_linear(
     """Y = X W^T (+ bias) + per segment scaling_a * dropout_a(X) A_a^T B_a^T.
 
     x: [..., in_features], its tokens (leading dims flattened in order) laid out as meta's
-    segments; lora_A_cat: [sum of ranks, in_features] and lora_B_cat: [out_features, sum of ranks],
-    the adapters' A and B concatenated in adapter order (see segments.py).
+    segments; weight: [out_features, in_features], a tensor or a frozen `kernels.nf4.NF4Weight`
+    (its compute dtype must equal x.dtype); lora_A_cat: [sum of ranks, in_features] and
+    lora_B_cat: [out_features, sum of ranks], the adapters' A and B concatenated in adapter order
+    (see segments.py).
     """
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
@@ -192,5 +204,6 @@ def fused_multi_lora_linear(
             raise TypeError(f"{name}.dtype ({tensor.dtype}) must match x.dtype ({x.dtype})")
     resolved = resolve_backend(backend, x.device)
     if tokens == 0:
-        return torch.nn.functional.linear(x, weight, bias)
+        base = weight.dequantize(backend=resolved) if isinstance(weight, NF4Weight) else weight
+        return torch.nn.functional.linear(x, base, bias)
     return MultiLoRALinearFunction.apply(x, weight, bias, lora_A_cat, lora_B_cat, meta, resolved)

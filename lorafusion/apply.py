@@ -144,18 +144,20 @@ def apply_lora(
         layer.train(linear.training)
         setattr(model.get_submodule(parent_name), child_name, layer)
     if quantize_other_linears:
-        output_layer = _output_layer(model)
-        others = [
-            (name, module)
-            for name, module in model.named_modules()
-            if type(module) is nn.Linear and module is not output_layer
-        ]
-        for name, linear in others:
-            parent_name, _, child_name = name.rpartition(".")
-            quantized = NF4Linear.from_linear(linear, blocksize, double_quant, backend=config.backend)
-            setattr(model.get_submodule(parent_name), child_name, quantized)
+        _quantize_untargeted_linears(model, blocksize, double_quant, config.backend)
     setattr(model, CONFIG_ATTRIBUTE, config)
     return model
+
+
+def _quantize_untargeted_linears(model: nn.Module, blocksize: int, double_quant: bool, backend: str) -> None:
+    """Every plain nn.Linear left (not the output layer) becomes a frozen NF4Linear."""
+    output_layer = _output_layer(model)
+    others = [
+        (name, module) for name, module in model.named_modules() if type(module) is nn.Linear and module is not output_layer
+    ]
+    for name, linear in others:
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, NF4Linear.from_linear(linear, blocksize, double_quant, backend=backend))
 
 
 def _has_adapters(model: nn.Module) -> bool:
@@ -184,7 +186,13 @@ def adapter_init_generator(seed: int, module_name: str) -> torch.Generator:
 
 
 def apply_multi_lora(
-    model: nn.Module, configs: dict[str, LoRAConfig], init_seeds: dict[str, int] | None = None
+    model: nn.Module,
+    configs: dict[str, LoRAConfig],
+    init_seeds: dict[str, int] | None = None,
+    quantize: str | None = None,
+    quantize_other_linears: bool = False,
+    double_quant: bool = True,
+    blocksize: int = 64,
 ) -> nn.Module:
     """Give `model` one named LoRA adapter per entry of `configs` ({job name: LoRAConfig}).
 
@@ -193,6 +201,10 @@ def apply_multi_lora(
     is frozen. With `init_seeds` ({job name: seed}), each adapter is initialised from its job's
     seed and the module's name (see adapter_init_generator). Run the model inside
     `multi_lora_batch(model, batch)`. Returns the model, changed in place.
+
+    QLoRA: quantize="nf4" stores the targeted layers' base weights in 4-bit NF4 (`double_quant`,
+    `blocksize` as in bitsandbytes); with quantize_other_linears=True every other nn.Linear but the
+    output layer becomes a frozen `lorafusion.qlora.NF4Linear` too (as in apply_lora).
     """
     if not isinstance(configs, dict) or not configs:
         raise ValueError("configs must be a non-empty dict {adapter name: LoRAConfig}")
@@ -201,6 +213,10 @@ def apply_multi_lora(
     for name, config in configs.items():
         if not isinstance(config, LoRAConfig):
             raise TypeError(f"configs[{name!r}] must be a LoRAConfig, got {type(config).__name__}")
+    if quantize is not None:
+        check_quantize(quantize)
+    elif quantize_other_linears:
+        raise ValueError("quantize_other_linears=True needs quantize='nf4'")
     backends = sorted({config.backend for config in configs.values()})
     if len(backends) > 1:
         raise ValueError(f"all adapters of a model share one kernel backend, got backends {backends}")
@@ -212,11 +228,15 @@ def apply_multi_lora(
     layers: dict[str, MultiLoRALinear] = {}
     for module_name in dict.fromkeys(n for names in targets.values() for n in names):
         linear = model.get_submodule(module_name)
-        layer = MultiLoRALinear(linear, backend=backends[0])
+        layer = MultiLoRALinear(
+            linear, backend=backends[0], quantize=quantize, double_quant=double_quant, blocksize=blocksize
+        )
         layer.train(linear.training)
         parent_name, _, child_name = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer)
         layers[module_name] = layer
+    if quantize_other_linears:
+        _quantize_untargeted_linears(model, blocksize, double_quant, backends[0])
     for adapter, config in configs.items():
         for module_name in targets[adapter]:
             seed = None if init_seeds is None else init_seeds[adapter]

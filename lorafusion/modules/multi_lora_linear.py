@@ -3,6 +3,7 @@ on its own token segments of a packed microbatch (lorafusion.kernels.fused_multi
 
 Parameters are named as PEFT names a multi-adapter LoRA layer: `lora_A[name]` [r, in_features] and
 `lora_B[name]` [out_features, r] in ParameterDicts, beside the shared, frozen `weight` and `bias`.
+The base weight may be 4-bit NF4 (QLoRA, an `NF4Weight`): every adapter then trains over it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lorafusion import qlora
 from lorafusion.kernels import SegmentMeta, build_segment_meta, fused_multi_lora_linear, lora_scaling
+from lorafusion.kernels.lora_linear import resolve_backend
+from lorafusion.kernels.nf4 import NF4Weight
 from lorafusion.modules.lora_linear import check_backend, check_lora_hyperparameters
 
 
@@ -91,7 +95,11 @@ class MultiLoRABatch:
 class MultiLoRALinear(nn.Module):
     """y = x Wᵀ + b, plus for each token scaling_a · dropout_a(x) A_aᵀ B_aᵀ of its segment's adapter a.
 
-    Wraps `base_linear` (its weight and bias are shared, not copied, and frozen). Adapters are
+    Wraps `base_linear` (its weight and bias are shared, not copied, and frozen). QLoRA: with
+    quantize="nf4" the base weight is stored in 4-bit NF4 instead (`blocksize` elements per absmax,
+    `double_quant` quantizing the absmax too, as in bitsandbytes) and dequantized into a shared
+    workspace at each use; an `NF4Linear` or an NF4 `bitsandbytes.nn.Linear4bit` is taken as it
+    is, its storage shared. Adapters are
     added with `add_adapter`; `forward(x, batch)` takes x [tokens, in_features] (or [..., in_features],
     flattened in order) and a `MultiLoRABatch` saying which adapter owns which tokens, or takes the
     batch from an enclosing `multi_lora_batch(model, batch)` context. Each adapter's scaling and
@@ -99,19 +107,44 @@ class MultiLoRALinear(nn.Module):
     training mode only. An adapter without tokens in a batch gets no gradient (None).
     """
 
-    def __init__(self, base_linear: nn.Linear, backend: str = "auto") -> None:
+    def __init__(
+        self,
+        base_linear: nn.Module,
+        backend: str = "auto",
+        quantize: str | None = None,
+        double_quant: bool = True,
+        blocksize: int = 64,
+    ) -> None:
         super().__init__()
-        if not isinstance(base_linear, nn.Linear):
-            raise TypeError(f"MultiLoRALinear wraps an nn.Linear, got {type(base_linear).__name__}")
         check_backend(backend)
-        self.out_features, self.in_features = base_linear.weight.shape
-        self.weight = base_linear.weight.requires_grad_(False)
-        self.bias = base_linear.bias.requires_grad_(False) if base_linear.bias is not None else None
+        if quantize is not None:
+            qlora.check_quantize(quantize)
+        if qlora.is_linear4bit(base_linear):
+            weight, bias = qlora.nf4_from_linear4bit(base_linear)
+        elif isinstance(base_linear, qlora.NF4Linear):
+            weight, bias = base_linear.weight, base_linear.bias
+        elif not isinstance(base_linear, nn.Linear):
+            raise TypeError(
+                "MultiLoRALinear wraps an nn.Linear, a lorafusion.qlora.NF4Linear or a bitsandbytes.nn.Linear4bit, "
+                f"got {type(base_linear).__name__}"
+            )
+        elif quantize is not None:
+            weight, bias = qlora.quantize_nf4(base_linear.weight, blocksize, double_quant), base_linear.bias
+        else:
+            weight, bias = base_linear.weight, base_linear.bias
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight.requires_grad_(False)
+        self.bias = bias.requires_grad_(False) if bias is not None else None
         self.backend = backend
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.adapters: dict[str, AdapterSettings] = {}
         self._context_batch: MultiLoRABatch | None = None
+
+    @property
+    def quantized(self) -> bool:
+        """True when the base weight is stored in 4-bit NF4 (an `NF4Weight`)."""
+        return isinstance(self.weight, NF4Weight)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -167,6 +200,9 @@ class MultiLoRALinear(nn.Module):
             unknown = [n for n in names if n not in self.adapters]
             raise ValueError(f"unknown adapter(s) {unknown} in the batch; this layer holds {self.adapter_names}")
         if not held:
+            if self.quantized:
+                # NF4Linear's op: dequantized into the shared workspace, differentiable in x.
+                return qlora._NF4LinearFunction.apply(x, self.weight, self.bias, resolve_backend(self.backend, x.device))
             return F.linear(x, self.weight, self.bias)
         settings = {
             n: (a.r, a.scaling, a.lora_dropout if self.training else 0.0)
@@ -193,7 +229,7 @@ class MultiLoRALinear(nn.Module):
         adapters = ", ".join(f"{n}(r={a.r}, alpha={a.lora_alpha}, dropout={a.lora_dropout})" for n, a in self.adapters.items())
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"backend={self.backend!r}, adapters=[{adapters}]"
+            f"quantized={self.quantized}, backend={self.backend!r}, adapters=[{adapters}]"
         )
 
 

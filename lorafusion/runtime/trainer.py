@@ -186,7 +186,13 @@ class MultiJobTrainer:
             )
             for spec in config.jobs
         }
-        apply_multi_lora(self.model, lora_configs, init_seeds={spec.name: spec.seed for spec in config.jobs})
+        apply_multi_lora(
+            self.model,
+            lora_configs,
+            init_seeds={spec.name: spec.seed for spec in config.jobs},
+            quantize=config.model.quantize,
+            quantize_other_linears=config.model.quantize is not None,
+        )
         for job in self.jobs.values():
             self._prepare(job)
 

@@ -10,7 +10,10 @@ Files under output_dir:
     schedule.json                the planned microbatches (reused on --resume, so the plan is identical)
     base_model/                  the base model and tokenizer, for an inline model config
     metrics.jsonl                one record per job optimizer step
-    checkpoints/<job>/           adapter (PEFT format) + trainer_state.pt, replaced atomically
+    checkpoints/<job>/step-<k>/  stage-<s>-of-<S>.pt: that pipeline stage's adapter weights and AdamW
+                                 state keyed by PEFT parameter name, LR schedule and position; a step
+                                 is complete when all S stage files exist, and restores onto any
+                                 number of stages (a single process is stage 0 of 1)
     <job>/                       the final adapter (PEFT format), or status.json for a failed job
 """
 
@@ -28,12 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lorafusion.adapters import (
-    adapter_state_dict,
-    replace_directory,
-    save_adapter,
-    write_adapter_directory,
-)
+from lorafusion.adapters import adapter_key, replace_directory, write_adapter_directory
 from lorafusion.apply import apply_multi_lora, get_multi_lora_configs, multi_lora_modules
 from lorafusion.config import LoRAConfig
 from lorafusion.modules import multi_lora_batch
@@ -45,7 +43,6 @@ from .model import build_base_model
 from .packing import PackedMicrobatch, pack_samples, per_token_loss
 from .tokenizer import load_tokenizer
 
-STATE_FILE = "trainer_state.pt"
 SCHEDULE_FILE = "schedule.json"
 METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
@@ -75,12 +72,7 @@ class JobRun:
     def name(self) -> str:
         return self.spec.name
 
-    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
-        params = []
-        for layer in multi_lora_modules(model).values():
-            if self.name in layer.adapters:
-                params += [layer.lora_A[self.name], layer.lora_B[self.name]]
-        return params
+    named_parameters: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # by PEFT key, this stage's
 
 
 @dataclass
@@ -193,8 +185,26 @@ class MultiJobTrainer:
             quantize=config.model.quantize,
             quantize_other_linears=config.model.quantize is not None,
         )
+        self.setup_stage()
         for job in self.jobs.values():
             self._prepare(job)
+
+    # ---- pipeline stage (a single process is stage 0 of 1) --------------------------------------
+
+    stage_index = 0
+    num_stages = 1
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.stage_index == self.num_stages - 1
+
+    def setup_stage(self) -> None:
+        """Pipeline engines cut the model here, after the adapters are on (so names and initial
+        values do not depend on the stage layout)."""
+
+    def owned_lora_modules(self) -> dict:
+        """The MultiLoRALinear layers this process trains, by full module name."""
+        return multi_lora_modules(self.model)
 
     def _prepare(self, job: JobRun) -> None:
         if job.status == "failed":
@@ -207,7 +217,18 @@ class MultiJobTrainer:
             batch = job.order[g * spec.global_batch_size : (g + 1) * spec.global_batch_size]
             job.target_tokens.append(sum(job.samples[i].num_target_tokens for i in batch))
             job.remaining.append(len(batch))
-        job.optimizer = torch.optim.AdamW(job.parameters(self.model), lr=spec.lr, weight_decay=spec.weight_decay)
+        job.named_parameters = {
+            adapter_key(module_name, matrix): getattr(layer, matrix)[job.name]
+            for module_name, layer in self.owned_lora_modules().items()
+            if job.name in layer.adapters
+            for matrix in ("lora_A", "lora_B")
+        }
+        # A job may target no layer of this pipeline stage: it then has nothing to step here.
+        job.optimizer = torch.optim.AdamW(
+            list(job.named_parameters.values()) or [torch.nn.Parameter(torch.zeros(0))],
+            lr=spec.lr,
+            weight_decay=spec.weight_decay,
+        )
         job.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(job.optimizer, lr_lambda(spec, job.num_steps))
 
     # ---- planning -------------------------------------------------------------------------------
@@ -255,29 +276,74 @@ class MultiJobTrainer:
     def _checkpoint_dir(self, job: JobRun) -> Path:
         return self.output_dir / "checkpoints" / job.name
 
+    @property
+    def _stage_file_name(self) -> str:
+        return f"stage-{self.stage_index}-of-{self.num_stages}.pt"
+
+    def _stage_file(self, job: JobRun, step: int) -> Path:
+        return self._checkpoint_dir(job) / f"step-{step}" / self._stage_file_name
+
     def save_checkpoint(self, job: JobRun) -> None:
-        """Adapter + optimizer + LR schedule + position, written to a temporary directory that then
-        replaces the job's checkpoint, so a kill never leaves a half-written one."""
-        target = self._checkpoint_dir(job)
+        """This stage's adapter weights, AdamW state (both keyed by PEFT parameter name), LR schedule
+        and position, written to a temporary file that then replaces the target, so a kill never
+        leaves a half-written one. Keeps this stage's previous checkpoint, which is the complete
+        one while other stages are still writing this step."""
+        target = self._stage_file(job, job.step)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{job.name}.tmp-", dir=target.parent))
-        try:
-            config = get_multi_lora_configs(self.model)[job.name]
-            write_adapter_directory(adapter_state_dict(self.model, job.name), config.to_peft_dict(), staging / "adapter")
-            state = {
-                "step": job.step,
-                "tokens_seen": job.tokens_seen,
-                "last_loss": job.last_loss,
-                "optimizer": job.optimizer.state_dict(),
-                "lr_scheduler": job.lr_scheduler.state_dict(),
-            }
-            with open(staging / STATE_FILE, "wb") as handle:
-                torch.save(state, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            replace_directory(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        optimizer_state = {
+            key: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in job.optimizer.state[param].items()}
+            for key, param in job.named_parameters.items()
+            if param in job.optimizer.state
+        }
+        state = {
+            "step": job.step,
+            "tokens_seen": job.tokens_seen,
+            "last_loss": job.last_loss,
+            "parameters": {key: param.detach().cpu().clone() for key, param in job.named_parameters.items()},
+            "optimizer": optimizer_state,
+            "lr_scheduler": job.lr_scheduler.state_dict(),
+        }
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        with os.fdopen(handle, "wb") as out:
+            torch.save(state, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, target)
+        own_steps = sorted(self._steps_with_file(job, own_only=True))
+        for old in own_steps[:-2]:
+            self._stage_file(job, old).unlink(missing_ok=True)
+
+    def _steps_with_file(self, job: JobRun, own_only: bool = False) -> list[int]:
+        steps = []
+        for directory in self._checkpoint_dir(job).glob("step-*"):
+            if own_only and not (directory / self._stage_file_name).exists():
+                continue
+            steps.append(int(directory.name.removeprefix("step-")))
+        return steps
+
+    def latest_complete_checkpoint(self, job: JobRun) -> list[Path]:
+        """The stage files of the job's newest step that every stage of the run that wrote it
+        finished (any stage count), or [] if there is none."""
+        for step in sorted(self._steps_with_file(job), reverse=True):
+            files = sorted((self._checkpoint_dir(job) / f"step-{step}").glob("stage-*-of-*.pt"))
+            if not files:
+                continue
+            stages = int(files[0].stem.rsplit("-of-", 1)[1])
+            if len({f.name for f in files if f.stem.endswith(f"-of-{stages}")}) == stages:
+                return [f for f in files if f.stem.endswith(f"-of-{stages}")]
+        return []
+
+    @staticmethod
+    def _load_stage_files(files: list[Path]) -> dict:
+        """The stage files of one checkpoint step merged: parameters and AdamW state by key."""
+        merged: dict = {"parameters": {}, "optimizer": {}}
+        for path in files:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            merged["parameters"].update(state["parameters"])
+            merged["optimizer"].update(state["optimizer"])
+            for key in ("step", "tokens_seen", "last_loss", "lr_scheduler"):
+                merged[key] = state[key]
+        return merged
 
     def _restore(self, job: JobRun) -> None:
         status_file = self.output_dir / job.name / STATUS_FILE
@@ -286,25 +352,48 @@ class MultiJobTrainer:
             job.status, job.failure = status["status"], status.get("failure")
             if job.status == "failed":
                 return
-        checkpoint = self._checkpoint_dir(job)
-        if not (checkpoint / STATE_FILE).is_file():
+        files = self.latest_complete_checkpoint(job)
+        if not files:
             return
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
-        layers = multi_lora_modules(self.model)
+        state = self._load_stage_files(files)
+        missing = sorted(set(job.named_parameters) - set(state["parameters"]))
+        if missing:
+            raise ValueError(f"checkpoint {files[0].parent} of job {job.name!r} lacks {missing[:5]}")
         with torch.no_grad():
-            for key, tensor in tensors.items():
-                module_name, matrix = key.removeprefix("base_model.model.").rsplit(".", 2)[:2]
-                getattr(layers[module_name], matrix)[job.name].copy_(tensor)
-        state = torch.load(checkpoint / STATE_FILE, map_location=self.device, weights_only=True)
-        job.optimizer.load_state_dict(state["optimizer"])
+            for key, param in job.named_parameters.items():
+                param.copy_(state["parameters"][key])
+                if key in state["optimizer"]:
+                    job.optimizer.state[param] = {
+                        k: v.to(param.device) if torch.is_tensor(v) and v.dim() > 0 else v
+                        for k, v in state["optimizer"][key].items()
+                    }
         job.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        for group, lr in zip(job.optimizer.param_groups, job.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
         job.step, job.tokens_seen, job.last_loss = state["step"], state["tokens_seen"], state["last_loss"]
         for g in range(job.step):
             job.remaining[g] = 0
         if job.step == job.num_steps:
             job.status = "finished"
+
+    def publish_adapter(self, job: JobRun) -> Path:
+        """Write the job's final adapter (PEFT format) to output_dir/<job>, assembled from the
+        stage files of its last step."""
+        files = self.latest_complete_checkpoint(job)
+        state = self._load_stage_files(files)
+        if state["step"] != job.num_steps:
+            raise RuntimeError(f"job {job.name!r}: the newest complete checkpoint is step {state['step']}, not the last step")
+        config = get_multi_lora_configs(self.model)[job.name]
+        target = self.output_dir / job.name
+        staging = Path(tempfile.mkdtemp(prefix=f".{job.name}.tmp-", dir=self.output_dir))
+        try:
+            write_adapter_directory(state["parameters"], config.to_peft_dict(), staging / "adapter")
+            # The status file lives beside the adapter: keep it across the replace.
+            shutil.copy2(self.output_dir / job.name / STATUS_FILE, staging / "adapter" / STATUS_FILE)
+            replace_directory(staging / "adapter", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
 
     def _clear_previous_run(self) -> None:
         """A fresh run in a used output_dir starts clean: no stale checkpoints, statuses or metrics."""
@@ -437,7 +526,7 @@ class MultiJobTrainer:
 
     def _step(self, job: JobRun, global_batch: int, bars: dict) -> None:
         assert global_batch == job.step, f"job {job.name}: batch {global_batch} completed before batch {job.step}"
-        params = [p for group in job.optimizer.param_groups for p in group["params"]]
+        params = list(job.named_parameters.values())
         if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
             self._fail(job, f"non-finite gradient at step {job.step + 1}")
             return
@@ -468,9 +557,10 @@ class MultiJobTrainer:
         every = self.config.checkpoint_every
         if job.step == job.num_steps:
             job.status = "finished"
-            save_adapter(self.model, self.output_dir / job.name, adapter=job.name)
             self._write_status(job)
             self.save_checkpoint(job)
+            if self.num_stages == 1:
+                self.publish_adapter(job)
         elif every and job.step % every == 0:
             self.save_checkpoint(job)
 

@@ -421,7 +421,37 @@ class MultiJobTrainer:
         as a killed run would (for tests and for trying a config briefly). `schedule` replaces the
         planned one (samples of jobs this trainer does not have are skipped): e.g. to train one
         job alone on exactly the microbatches it had in a multi-job run."""
-        started = time.perf_counter()
+        schedule = self.begin(resume, schedule)
+        run = 0
+        try:
+            for position, microbatch in enumerate(schedule.microbatches):
+                refs = self.live_refs(microbatch)
+                if not refs:
+                    continue
+                self._run_microbatch(position, refs)
+                run += 1
+                if stop_after_microbatches is not None and run >= stop_after_microbatches:
+                    return self._result(run, interrupted=True)
+        finally:
+            self._close_progress()
+        return self.finish(run)
+
+    def begin(self, resume: bool, schedule: Schedule | None = None) -> Schedule:
+        """Set up the run's files, plan (or reload) the schedule, restore checkpoints on --resume."""
+        self._started = time.perf_counter()
+        schedule = self.prepare_run(resume, schedule)
+        if resume:
+            for job in self.jobs.values():
+                if job.status == "running":
+                    self._restore(job)
+            if self.is_last_stage:
+                self._truncate_metrics()
+        self._bars = self._progress_bars() if self.is_last_stage else {}
+        return schedule
+
+    def prepare_run(self, resume: bool, schedule: Schedule | None) -> Schedule:
+        """Run-level files (base model, statuses of jobs that failed to load, schedule.json) and the
+        schedule; a fresh run clears what a previous run left in output_dir."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.config.model.path is None:
             self._save_inline_base_model()
@@ -429,45 +459,37 @@ class MultiJobTrainer:
             if job.status == "failed":
                 self._write_status(job)
         schedule = schedule or self.plan(resume)
-        if resume:
-            for job in self.jobs.values():
-                if job.status == "running":
-                    self._restore(job)
-            self._truncate_metrics()
-        else:
+        if not resume:
             self._clear_previous_run()
-        bars = self._progress_bars()
-        self._started = started
-        run = 0
-        try:
-            for position, microbatch in enumerate(schedule.microbatches):
-                entries = [
-                    ref
-                    for ref in microbatch.samples
-                    if ref.job in self.jobs
-                    and self.jobs[ref.job].status == "running"
-                    and self.jobs[ref.job].remaining[ref.global_batch] > 0
-                ]
-                if not entries:
-                    continue
-                self._run_microbatch(position, entries, bars)
-                run += 1
-                if stop_after_microbatches is not None and run >= stop_after_microbatches:
-                    return self._result(run, started, interrupted=True)
-        finally:
-            for bar in bars.values():
-                bar.close()
-        result = self._result(run, started)
-        if self.progress:
+        return schedule
+
+    def live_refs(self, microbatch) -> list:
+        """The microbatch's samples still to train: of known, running jobs, in global batches not
+        already done (after a resume)."""
+        return [
+            ref
+            for ref in microbatch.samples
+            if ref.job in self.jobs
+            and self.jobs[ref.job].status == "running"
+            and self.jobs[ref.job].remaining[ref.global_batch] > 0
+        ]
+
+    def finish(self, microbatches_run: int) -> TrainResult:
+        result = self._result(microbatches_run)
+        if self.progress and self.is_last_stage:
             print_summary(result)
         return result
+
+    def _close_progress(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
 
     def _seed_microbatch(self, position: int) -> None:
         # Dropout masks come from torch's generator: seeding it by the microbatch's position makes
         # the draws a function of the schedule (the RNG state a checkpoint would otherwise keep).
         torch.manual_seed(self.config.model.seed * 1_000_003 + position)
 
-    def _run_microbatch(self, position: int, refs: list, bars: dict) -> None:
+    def _run_microbatch(self, position: int, refs: list) -> None:
         self._seed_microbatch(position)
         losses = self._forward(refs)
         bad = [name for name, loss in losses.items() if not torch.isfinite(loss)]
@@ -487,7 +509,7 @@ class MultiJobTrainer:
             job.tokens_seen += ref.tokens
             job.remaining[ref.global_batch] -= 1
             if job.remaining[ref.global_batch] == 0:
-                self._step(job, ref.global_batch, bars)
+                self._step(job, ref.global_batch)
 
     def _forward(self, refs: list) -> dict[str, torch.Tensor]:
         """Each job's share of the microbatch loss (token cross-entropy sum / its global batch's target tokens)."""
@@ -522,9 +544,11 @@ class MultiJobTrainer:
         self._write_status(job)
 
     def _write_status(self, job: JobRun) -> None:
+        if not self.is_last_stage:
+            return
         _write_json_atomically(self.output_dir / job.name / STATUS_FILE, {"status": job.status, "failure": job.failure})
 
-    def _step(self, job: JobRun, global_batch: int, bars: dict) -> None:
+    def _step(self, job: JobRun, global_batch: int) -> None:
         assert global_batch == job.step, f"job {job.name}: batch {global_batch} completed before batch {job.step}"
         params = list(job.named_parameters.values())
         if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
@@ -538,6 +562,21 @@ class MultiJobTrainer:
             return
         job.step += 1
         job.last_loss = job.batch_loss
+        if self.is_last_stage:
+            self._log_step(job)
+        job.batch_loss, job.batch_tokens = 0.0, 0
+        every = self.config.checkpoint_every
+        if job.step == job.num_steps:
+            job.status = "finished"
+            self._write_status(job)
+            self.save_checkpoint(job)
+            if self.num_stages == 1:
+                self.publish_adapter(job)
+        elif every and job.step % every == 0:
+            self.save_checkpoint(job)
+
+    def _log_step(self, job: JobRun) -> None:
+        """One metrics.jsonl record and a progress-bar tick for a job's optimizer step."""
         elapsed = time.perf_counter() - self._started
         record = {
             "job": job.name,
@@ -550,19 +589,9 @@ class MultiJobTrainer:
         }
         with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
-        job.batch_loss, job.batch_tokens = 0.0, 0
-        if job.name in bars:
-            bars[job.name].update(1)
-            bars[job.name].set_postfix(loss=f"{job.last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        every = self.config.checkpoint_every
-        if job.step == job.num_steps:
-            job.status = "finished"
-            self._write_status(job)
-            self.save_checkpoint(job)
-            if self.num_stages == 1:
-                self.publish_adapter(job)
-        elif every and job.step % every == 0:
-            self.save_checkpoint(job)
+        if job.name in self._bars:
+            self._bars[job.name].update(1)
+            self._bars[job.name].set_postfix(loss=f"{job.last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
 
     # ---- reporting ------------------------------------------------------------------------------
 
@@ -587,7 +616,7 @@ class MultiJobTrainer:
             if job.status == "running"
         }
 
-    def _result(self, microbatches: int, started: float, interrupted: bool = False) -> TrainResult:
+    def _result(self, microbatches: int, interrupted: bool = False) -> TrainResult:
         summaries = {
             name: JobSummary(
                 status=job.status,
@@ -600,7 +629,7 @@ class MultiJobTrainer:
             )
             for name, job in self.jobs.items()
         }
-        return TrainResult(summaries, microbatches, time.perf_counter() - started, interrupted)
+        return TrainResult(summaries, microbatches, time.perf_counter() - self._started, interrupted)
 
 
 def print_summary(result: TrainResult) -> None:

@@ -18,9 +18,9 @@ An NF4 base (`kernels.nf4.NF4Weight`, QLoRA) is dequantized into a workspace sha
 (`nf4.dequantize_workspace`) right before each use of W, once in forward and again in backward for
 dX += dY W; no full-precision copy of W lives between them or is allocated per call.
 
-Two backends share this autograd function and differ only in the three memory-bound ops:
-"triton" (the kernels above) and "torch" (kernels/reference.py, the CPU backend, with the keep-mask
-regenerated from torch's generator).
+The backends share this autograd function and differ only in the three memory-bound ops:
+"triton" (the kernels above), "torch" (kernels/reference.py, the CPU backend, with the keep-mask
+regenerated from torch's generator) and "cuda" (the C++ extension in csrc/, kernels/cuda_backend.py).
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from .cuda_backend import _CudaOps, require_cuda_backend
 from .nf4 import NF4Weight, dequantize_workspace
 from .utils import MAX_RANK, new_dropout_seed, require_triton, triton_usable
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "cuda")
 FORWARD_IMPLS = ("cublas", "triton_gemm")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -92,7 +93,7 @@ class _TritonOps:
         return linear_lora_gemm(x, weight, bias, s, lora_B, scaling)
 
 
-_OPS = {"torch": _TorchOps, "triton": _TritonOps}
+_OPS = {"torch": _TorchOps, "triton": _TritonOps, "cuda": _CudaOps}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -103,6 +104,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "triton" if device.type == "cuda" and triton_usable(device) else "torch"
     if backend == "triton":
         require_triton(device)
+    if backend == "cuda":  # the C++ extension (kernels/cuda_backend.py); never chosen by "auto" yet
+        require_cuda_backend(device)
     return backend
 
 
@@ -111,6 +114,8 @@ def _base_weight(weight, backend: str) -> torch.Tensor:
     if not isinstance(weight, NF4Weight):
         return weight
     workspace = dequantize_workspace(weight.shape, weight.dtype, weight.device)
+    if backend == "cuda":  # NF4Weight.dequantize knows the Triton and torch kernels only
+        return _CudaOps.nf4_dequantize(weight, out=workspace)
     return weight.dequantize(out=workspace, backend=backend)
 
 
@@ -221,8 +226,7 @@ def fused_lora_linear(
         raise ValueError(f"forward_impl must be one of {FORWARD_IMPLS}, got {forward_impl!r}")
     resolved = resolve_backend(backend, x.device)
     if x.numel() == 0:
-        base = weight.dequantize(backend=resolved) if isinstance(weight, NF4Weight) else weight
-        return torch.nn.functional.linear(x, base, bias)
+        return torch.nn.functional.linear(x, _base_weight(weight, resolved), bias)
     return LoRALinearFunction.apply(
         x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), resolved, forward_impl
     )

@@ -3,7 +3,7 @@
 Forward, backward and forward+backward median times, peak memory (GPU) and the bytes each layer
 saves for backward (activations only, parameters excluded), per shape. On a GPU: tokens=8192,
 hidden in {4096, 5120, 8192}, r in {16, 64}, bf16, dropout 0.1, and the single-Triton-GEMM forward
-variant beside the default cuBLAS one. On the CPU: small shapes, fp32, torch backend, so that the
+variant beside the default cuBLAS one, and the CUDA extension backend when it builds. On the CPU: small shapes, fp32, torch backend, so that the
 script itself is exercised.
 
     python benchmarks/bench_lora_linear.py [--device cpu|cuda] [--out-dir DIR]
@@ -22,6 +22,7 @@ import torch
 
 from harness import RESULTS_DIR, machine_info, print_table, time_ms, write_results
 from lorafusion.kernels import fused_lora_linear
+from lorafusion.kernels.cuda_backend import cuda_extension_builds
 from lorafusion.modules import FusedLoRALinear
 
 GPU_SHAPES = [(8192, hidden, r) for hidden in (4096, 5120, 8192) for r in (16, 64)]
@@ -57,6 +58,8 @@ def build_layers(case: Case) -> dict[str, torch.nn.Module]:
     layers = {"base": base, "peft": _peft_layer(base, case.rank), "fused": fused}
     if case.device.type == "cuda":
         layers["fused_triton_gemm"] = _TritonGemmForward(fused)
+        if cuda_extension_builds():
+            layers["fused_cuda"] = _CudaBackendForward(fused)
     return layers
 
 
@@ -72,6 +75,18 @@ class _TritonGemmForward(torch.nn.Module):
         return fused_lora_linear(
             x, f.weight, f.bias, f.lora_A, f.lora_B, f.scaling, DROPOUT, backend="triton", forward_impl="triton_gemm"
         )
+
+
+class _CudaBackendForward(torch.nn.Module):
+    """The fused layer on the CUDA C++ extension backend (csrc/) instead of the Triton kernels."""
+
+    def __init__(self, fused: FusedLoRALinear):
+        super().__init__()
+        self.fused = fused
+
+    def forward(self, x):
+        f = self.fused
+        return fused_lora_linear(x, f.weight, f.bias, f.lora_A, f.lora_B, f.scaling, DROPOUT, backend="cuda")
 
 
 def saved_activation_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:

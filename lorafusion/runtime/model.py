@@ -1,9 +1,12 @@
-"""The base model of a training run: a local Hugging Face checkpoint, or an inline tiny config."""
+"""The base model of a training run: a local Hugging Face checkpoint (a LoRAM-pruned one too), or an
+inline tiny config."""
 
 from __future__ import annotations
 
 import torch
 import transformers
+
+from lorafusion import loram
 
 from .config import ModelSpec
 
@@ -20,7 +23,10 @@ def build_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> tra
     block-diagonal masks of packed microbatches). An inline config is initialised from spec.seed,
     so every process of a run builds the same weights."""
     dtype = DTYPES[spec.dtype]
-    if spec.path is not None:
+    if spec.path is not None and loram.is_pruned_checkpoint(spec.path):
+        # A LoRAM-pruned model: its layers differ in size, which from_pretrained cannot build.
+        model = loram.load_pruned_model(spec.path, dtype=dtype, attn_implementation="sdpa")
+    elif spec.path is not None:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             spec.path, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
         )

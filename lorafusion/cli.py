@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "train": ("train", "fine-tune several LoRA adapters together on one base model"),
     "generate": ("generate", "complete a prompt with a base model and a trained adapter"),
     "plan": ("plan", "schedule several LoRA jobs into token-capped microbatches"),
+    "loram": ("loram", "LoRAM: prune a model, align it, recover adapters trained on it for the original"),
 }
 
 

@@ -16,18 +16,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _run(config, args):
+    progress = not args.no_progress
+    if config.parallel.engine == "megatron":
+        from lorafusion.engines.megatron_engine import train_with_megatron
+
+        return train_with_megatron(config, args.resume, args.stop_after, progress)
+    if config.parallel.engine == "deepspeed":
+        from lorafusion.engines.deepspeed_engine import train_with_deepspeed
+
+        return train_with_deepspeed(config, args.resume, args.stop_after, progress)
+    from lorafusion.runtime.trainer import MultiJobTrainer
+
+    return MultiJobTrainer(config, device=args.device, progress=progress).train(
+        resume=args.resume, stop_after_microbatches=args.stop_after
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from lorafusion.runtime.config import ConfigError, load_config
-    from lorafusion.runtime.trainer import MultiJobTrainer
 
     try:
         config = load_config(args.config)
     except ConfigError as error:
         print(f"lorafusion train: invalid config {args.config}:\n{error}", file=sys.stderr)
         return 2
-    result = MultiJobTrainer(config, device=args.device, progress=not args.no_progress).train(
-        resume=args.resume, stop_after_microbatches=args.stop_after
-    )
+    try:
+        result = _run(config, args)
+    except ValueError as error:  # a problem found before training (layout, process count, ...)
+        print(f"lorafusion train: {error}", file=sys.stderr)
+        return 2
     failed = {name: job.failure for name, job in result.jobs.items() if job.status == "failed"}
     for name, reason in failed.items():
         print(f"lorafusion train: job {name!r} failed: {reason}", file=sys.stderr)

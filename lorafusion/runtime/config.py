@@ -168,6 +168,7 @@ class ParallelSpec:
     engine: str = "none"
     pipeline_stages: int = 1
     data_parallel: int = 1
+    stage_layers: tuple[int, ...] | None = None  # decoder layers per stage; None: balanced by cost
 
 
 @dataclass(frozen=True)
@@ -337,13 +338,29 @@ def _parse_parallel(checker: _Checker, section: object) -> ParallelSpec:
         engine=checker.choice(parallel, "engine", "parallel", PARALLEL_ENGINES, default="none"),
         pipeline_stages=checker.integer(parallel, "pipeline_stages", "parallel", default=1, minimum=1),
         data_parallel=checker.integer(parallel, "data_parallel", "parallel", default=1, minimum=1),
+        stage_layers=_stage_layers(checker, parallel),
     )
+    if spec.stage_layers is not None and spec.pipeline_stages is not None and len(spec.stage_layers) != spec.pipeline_stages:
+        checker.add(
+            "parallel.stage_layers",
+            f"needs one layer count per stage ({spec.pipeline_stages}), got {len(spec.stage_layers)}",
+        )
     if spec.engine == "none":
         for key in ("pipeline_stages", "data_parallel"):
             size = getattr(spec, key)
             if size is not None and size > 1:
                 checker.add(f"parallel.{key}", f"{size} needs parallel.engine megatron or deepspeed")
     return spec
+
+
+def _stage_layers(checker: _Checker, parallel: dict) -> tuple[int, ...] | None:
+    value = parallel.get("stage_layers")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in value):
+        checker.add("parallel.stage_layers", f"must be a list of positive layer counts, one per stage, got {value!r}")
+        return None
+    return tuple(value)
 
 
 def _parse_jobs(checker: _Checker, section: object, scheduler: SchedulerSpec, model: ModelSpec | None) -> list[JobSpec]:

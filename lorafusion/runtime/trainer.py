@@ -440,6 +440,9 @@ class MultiJobTrainer:
         """Set up the run's files, plan (or reload) the schedule, restore checkpoints on --resume."""
         self._started = time.perf_counter()
         schedule = self.prepare_run(resume, schedule)
+        for job in self.jobs.values():
+            if job.status == "failed":
+                self._write_status(job)
         if resume:
             for job in self.jobs.values():
                 if job.status == "running":
@@ -450,14 +453,11 @@ class MultiJobTrainer:
         return schedule
 
     def prepare_run(self, resume: bool, schedule: Schedule | None) -> Schedule:
-        """Run-level files (base model, statuses of jobs that failed to load, schedule.json) and the
-        schedule; a fresh run clears what a previous run left in output_dir."""
+        """Run-level files (base model, schedule.json) and the schedule; a fresh run clears what a
+        previous run left in output_dir."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.config.model.path is None:
             self._save_inline_base_model()
-        for job in self.jobs.values():
-            if job.status == "failed":
-                self._write_status(job)
         schedule = schedule or self.plan(resume)
         if not resume:
             self._clear_previous_run()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 
-from lorafusion.kernels.nf4 import NF4_BLOCKSIZES, NF4Weight, dynamic_code, nf4_code, quantize_nf4
+from lorafusion.kernels.nf4 import NF4_BLOCKSIZES, dynamic_code, nf4_code, quantize_nf4
 from lorafusion.qlora import nf4_from_bnb, nf4_to_bnb
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

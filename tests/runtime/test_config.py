@@ -228,7 +228,7 @@ def test_missing_top_level_keys(base_dir: Path, missing: str) -> None:
         ({"output_dir": 3}, "output_dir", "must be a non-empty string, got 3"),
         ({"checkpoint_every": -1}, "checkpoint_every", "must be >= 0, got -1"),
         ({"log_every": 0}, "log_every", "must be >= 1, got 0"),
-        ({"backend": "cuda"}, "backend", "must be one of auto, triton, torch; got 'cuda' (str)"),
+        ({"backend": "bogus"}, "backend", "must be one of auto, triton, torch, cuda; got 'bogus' (str)"),
         ({"schedular": {}}, "schedular", "unknown key; did you mean 'scheduler'?"),
         ({"scheduler": {"solver": "cplex"}}, "scheduler.solver", "must be one of milp, greedy; got 'cplex' (str)"),
         ({"scheduler": {"capacity": 0}}, "scheduler.capacity", "must be >= 1, got 0"),

@@ -5,68 +5,20 @@ falls, kill-and-resume equals an uninterrupted run, failures stay with their job
 from __future__ import annotations
 
 import json
-import random
-from pathlib import Path
 
 import peft
-import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
 
 from lorafusion import multi_lora_modules
 from lorafusion.modules import MultiLoRABatch, multi_lora_batch
-from lorafusion.runtime.config import ModelSpec, parse_config
+from lorafusion.runtime.config import ModelSpec
 from lorafusion.runtime.data import Sample
 from lorafusion.runtime.model import build_base_model
 from lorafusion.runtime.packing import pack_samples, per_token_loss
 from lorafusion.runtime.trainer import MultiJobTrainer
-
-TINY_MODEL = {
-    "architecture": "llama",
-    "config": {
-        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "vocab_size": 260, "max_position_embeddings": 64,
-    },
-    "seed": 3,
-}
-
-
-def write_jobs_data(directory: Path) -> dict[str, Path]:
-    rng = random.Random(0)
-    files = {
-        "add": [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ((rng.randrange(50), rng.randrange(50)) for _ in range(40))],
-        "rev": [{"prompt": f"{w}>", "completion": w[::-1]} for w in ("".join(rng.choice("abcde") for _ in range(rng.randrange(2, 7))) for _ in range(40))],
-        "txt": [{"text": "ab" * rng.randrange(2, 9)} for _ in range(40)],
-    }
-    paths = {}
-    for name, records in files.items():
-        paths[name] = directory / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in records))
-    return paths
-
-
-def make_config(tmp_path: Path, jobs=("add", "rev", "txt"), output="run", **overrides):
-    paths = write_jobs_data(tmp_path)
-    job_settings = {
-        "add": dict(r=4, lora_alpha=8, lr=1e-2, global_batch_size=8, max_steps=4, seed=1),
-        "rev": dict(r=8, lora_alpha=8, lr=5e-3, global_batch_size=6, max_steps=5, seed=2),
-        "txt": dict(r=2, lora_alpha=4, lr=1e-2, global_batch_size=5, max_steps=3, seed=3),
-    }
-    data = {
-        "model": TINY_MODEL,
-        "jobs": [
-            {"name": name, "data": str(paths[name]), "format": "text" if name == "txt" else "prompt_completion",
-             "max_seq_len": 24, **job_settings[name], **overrides.get(name, {})}
-            for name in jobs
-        ],
-        "scheduler": {"capacity": 96, "solver": "greedy"},
-        "output_dir": str(tmp_path / output),
-        "checkpoint_every": overrides.get("checkpoint_every", 2),
-        "backend": "torch",
-    }
-    return parse_config(data, base_dir=tmp_path)
-
+from training_fixtures import TINY_MODEL, make_config
 
 def adapters(trainer: MultiJobTrainer, job: str) -> dict[str, torch.Tensor]:
     return {

@@ -1,0 +1,228 @@
+"""Multi-job 1F1B pipeline training: one process per pipeline stage, the scheduler's microbatches
+flowing through the stages with no flush between global batches.
+
+Every rank holds the same schedule (planned once, broadcast), so each stage knows every
+microbatch's token count and segment metadata without sending them: activations travel with the
+exact shape of their microbatch, and each stage rebuilds the packed metadata (positions, mask,
+adapter segments) from the schedule. After the backward of a job's last microbatch of a global
+batch, each stage steps that job's adapters in its own layers. The scheduler keeps a job's next
+global batch at least S microbatches after its previous one, which is exactly what 1F1B needs for
+that batch's first forward, on every stage, to come after the previous batch's step there.
+
+No-op microbatches (inserted by the scheduler where no job may go) keep their pipeline slot with
+an empty activation, so the positions the scheduler reasoned about are the ones executed.
+
+The communication is abstract (`StageLink`): the megatron-core engine provides it with megatron's
+P2PCommunicator; see megatron_engine.py.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from lorafusion.modules import multi_lora_batch
+from lorafusion.runtime.packing import pack_samples, per_token_loss
+from lorafusion.runtime.trainer import JobRun, MultiJobTrainer, TrainResult
+from lorafusion.scheduler import Schedule
+
+from .stages import split_model
+
+
+class StageLink(Protocol):
+    """Point-to-point exchange with the neighbouring stages (megatron's P2PCommunicator calls)."""
+
+    def recv_forward(self, shape: tuple[int, ...]) -> torch.Tensor | None: ...
+    def send_forward(self, tensor: torch.Tensor | None) -> None: ...
+    def send_forward_recv_backward(self, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None: ...
+    def send_backward_recv_forward(self, grad: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None: ...
+    def recv_backward(self, shape: tuple[int, ...]) -> torch.Tensor | None: ...
+    def send_backward(self, grad: torch.Tensor | None) -> None: ...
+
+
+@dataclass
+class _InFlight:
+    """A microbatch forwarded on this stage and waiting for its backward."""
+
+    position: int
+    refs: list
+    stage_input: torch.Tensor | None
+    stage_output: torch.Tensor | None  # the loss on the last stage
+
+
+class PipelineTrainer(MultiJobTrainer):
+    """MultiJobTrainer on one stage of an S-stage pipeline (torch.distributed must be initialised)."""
+
+    def __init__(self, config, link_factory, stage_index: int, device=None, progress: bool = True):
+        self.num_stages = config.parallel.pipeline_stages
+        self.stage_index = stage_index
+        self._link_factory = link_factory
+        super().__init__(config, device=device, progress=progress)
+
+    # ---- the stage ------------------------------------------------------------------------------
+
+    def setup_stage(self) -> None:
+        stages = split_model(self.model, self.num_stages, self.config.parallel.stage_layers)
+        self.stage = stages[self.stage_index]
+        kept = {id(p) for p in self.stage.parameters()}
+        # Other stages' modules go to the meta device (structure and names stay, memory goes);
+        # a module sharing a parameter with this stage (tied embeddings) stays.
+        for other in stages:
+            if other is self.stage:
+                continue
+            for module in (other.embed_tokens, other.norm, other.lm_head, *other.layers):
+                if module is not None and not any(id(p) in kept for p in module.parameters()):
+                    module.to("meta")
+        self._stage_lora = {id(m) for m in self.stage.modules()}
+        self.hidden_size = self.model.config.hidden_size
+        self.pipeline_dtype = next(p for p in self.stage.parameters()).dtype
+        self.link: StageLink = self._link_factory(self)
+
+    def owned_lora_modules(self) -> dict:
+        return {name: m for name, m in super().owned_lora_modules().items() if id(m) in self._stage_lora}
+
+    # ---- run-level set-up: one writer, the same schedule everywhere -----------------------------
+
+    def prepare_run(self, resume: bool, schedule: Schedule | None) -> Schedule:
+        """Stage 0 (global rank 0, where Hugging Face's save_pretrained writes) sets up the run's
+        files and plans; every rank gets the schedule (or the error, so that all ranks stop with
+        the same message instead of waiting on each other)."""
+        payload: list = [None]
+        if self.stage_index == 0:
+            try:
+                payload[0] = super().prepare_run(resume, schedule)
+            except Exception as error:  # noqa: BLE001 - re-raised on every rank below
+                payload[0] = RuntimeError(str(error))
+        dist.broadcast_object_list(payload, src=dist.get_global_rank(self.pipeline_group, 0), group=self.pipeline_group)
+        if isinstance(payload[0], Exception):
+            raise payload[0]
+        return payload[0]
+
+    @property
+    def pipeline_group(self):
+        return self.link.group
+
+    # ---- 1F1B -----------------------------------------------------------------------------------
+
+    def train(self, resume: bool = False, stop_after_microbatches: int | None = None, schedule: Schedule | None = None) -> TrainResult:
+        schedule = self.begin(resume, schedule)
+        slots = []
+        for position, microbatch in enumerate(schedule.microbatches):
+            refs = self.live_refs(microbatch)
+            if refs or microbatch.noop:
+                slots.append((position, refs))
+        if stop_after_microbatches is not None:
+            slots = slots[:stop_after_microbatches]
+        try:
+            self._one_forward_one_backward(slots)
+        finally:
+            self._close_progress()
+        dist.barrier(group=self.pipeline_group)
+        if stop_after_microbatches is not None:
+            return self._result(len(slots), interrupted=True)
+        if self.is_last_stage:
+            for job in self.jobs.values():
+                if job.status == "finished":
+                    self.publish_adapter(job)
+        dist.barrier(group=self.pipeline_group)
+        return self.finish(len(slots))
+
+    def _shape(self, slot) -> tuple[int, int, int]:
+        # A tuple: megatron's combined send/recv calls take a list as a list of shapes.
+        position, refs = slot
+        return (1, sum(ref.tokens for ref in refs), self.hidden_size)
+
+    def _one_forward_one_backward(self, slots: list) -> None:
+        """Megatron's non-interleaved 1F1B order over the whole run: S - s - 1 warm-up forwards,
+        then one forward and one backward at a time, then the remaining backwards."""
+        total = len(slots)
+        warmup = min(self.num_stages - self.stage_index - 1, total)
+        in_flight: deque[_InFlight] = deque()
+        link = self.link
+        for i in range(warmup):
+            stage_input = link.recv_forward(self._shape(slots[i]))
+            link.send_forward(self._forward(slots[i], stage_input, in_flight))
+        steady = total - warmup
+        stage_input = link.recv_forward(self._shape(slots[warmup])) if steady > 0 else None
+        for k in range(steady):
+            output = self._forward(slots[warmup + k], stage_input, in_flight)
+            output_grad = link.send_forward_recv_backward(output, self._shape(slots[k]))
+            input_grad = self._backward(in_flight.popleft(), output_grad)
+            if k == steady - 1:
+                link.send_backward(input_grad)
+            else:
+                stage_input = link.send_backward_recv_forward(input_grad, self._shape(slots[warmup + k + 1]))
+        for k in range(steady, total):
+            output_grad = link.recv_backward(self._shape(slots[k]))
+            link.send_backward(self._backward(in_flight.popleft(), output_grad))
+
+    def _forward(self, slot, stage_input: torch.Tensor | None, in_flight: deque) -> torch.Tensor | None:
+        position, refs = slot
+        if not refs:  # a no-op keeps its slot with an empty activation
+            empty = torch.zeros(self._shape(slot), dtype=self.pipeline_dtype, device=self.device)
+            in_flight.append(_InFlight(position, refs, stage_input, None))
+            return None if self.is_last_stage else empty
+        entries = [(ref.job, self.jobs[ref.job].samples[self.jobs[ref.job].order[ref.index]]) for ref in refs]
+        packed = pack_samples(entries, self.device)
+        if stage_input is None:
+            stage_input = packed.input_ids
+        else:
+            stage_input.requires_grad_()
+        self._seed_microbatch(position)
+        with multi_lora_batch(self.model, packed.lora_batch):
+            output = self.stage(stage_input, packed.position_ids, packed.attention_mask)
+        if self.is_last_stage:
+            losses = self._job_losses(packed, per_token_loss(output, packed.labels), refs)
+            for name, loss in losses.items():
+                if not torch.isfinite(loss):
+                    raise RuntimeError(
+                        f"job {name!r}: non-finite loss ({loss.item()}) at microbatch {position}; the pipeline "
+                        "engines stop the run on non-finite values (the single-process runtime isolates the job)"
+                    )
+                self.jobs[name].batch_loss += loss.item()
+            output = sum(losses.values())
+        in_flight.append(_InFlight(position, refs, stage_input if stage_input.is_floating_point() else None, output))
+        return None if self.is_last_stage else output
+
+    def _backward(self, item: _InFlight, output_grad: torch.Tensor | None) -> torch.Tensor | None:
+        if not item.refs:
+            return None if item.stage_input is None else torch.zeros_like(item.stage_input)
+        if self.is_last_stage:
+            item.stage_output.backward()
+        else:
+            torch.autograd.backward(item.stage_output, grad_tensors=output_grad)
+        input_grad = item.stage_input.grad if item.stage_input is not None else None
+        for ref in item.refs:
+            job = self.jobs[ref.job]
+            job.batch_tokens += ref.tokens
+            job.tokens_seen += ref.tokens
+            job.remaining[ref.global_batch] -= 1
+            if job.remaining[ref.global_batch] == 0:
+                self._step(job, ref.global_batch)
+        return input_grad
+
+    def _fail(self, job: JobRun, reason: str) -> None:
+        raise RuntimeError(
+            f"job {job.name!r}: {reason}; the pipeline engines stop the run on non-finite values "
+            "(the single-process runtime isolates the job)"
+        )
+
+
+def check_world(config, world_size: int) -> None:
+    """The process count must be pipeline_stages x data_parallel; say so before any communication."""
+    stages, replicas = config.parallel.pipeline_stages, config.parallel.data_parallel
+    if world_size % (stages * replicas) != 0 or world_size != stages * replicas:
+        raise ValueError(
+            f"parallel.pipeline_stages={stages} x parallel.data_parallel={replicas} = {stages * replicas} "
+            f"processes are needed, but {world_size} were started (torchrun --nproc_per_node {stages * replicas})"
+        )
+    if replicas != 1:
+        raise ValueError(
+            f"parallel.data_parallel={replicas}: data parallelism is not implemented by the pipeline "
+            "engines yet; use data_parallel: 1"
+        )
+

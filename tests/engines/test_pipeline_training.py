@@ -1,0 +1,107 @@
+"""Pipeline-parallel multi-job training under torchrun (2 ranks, gloo, CPU): the same losses and final
+adapters as the single-process runtime on the same schedule, kill-and-resume, and bad configs that
+fail on every rank with the same message instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lorafusion.runtime.config import parse_config
+from lorafusion.runtime.trainer import MultiJobTrainer
+from lorafusion.scheduler import Schedule
+from training_fixtures import config_dict
+
+pytestmark = pytest.mark.multiprocess
+
+ENGINES = ["megatron"]
+TIMEOUT_S = 240
+
+
+def torchrun(config: dict, directory: Path, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    path = directory / f"config-{len(list(directory.glob('config-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+        "-m", "lorafusion.train", str(path), "--no-progress", *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=directory)
+
+
+def pipeline_config(tmp_path: Path, engine: str, output: str, stages: int = 2) -> dict:
+    config = config_dict(tmp_path, jobs=("add", "rev", "txt"), output=output)
+    # "rev" trains only some layers: stages holding none of them must still carry its tokens.
+    config["jobs"][1]["target_modules"] = ["q_proj", "v_proj", "lm_head"]
+    config["parallel"] = {"engine": engine, "pipeline_stages": stages}
+    return config
+
+
+def final_adapter(output_dir: Path, job: str) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / job / "adapter_model.safetensors")
+
+
+def losses(output_dir: Path) -> dict[tuple[str, int], float]:
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {(r["job"], r["step"]): r["loss"] for r in records}
+
+
+def assert_same_adapters(a: Path, b: Path, jobs=("add", "rev", "txt")):
+    for job in jobs:
+        first, second = final_adapter(a, job), final_adapter(b, job)
+        assert first.keys() == second.keys()
+        for key in first:
+            torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-6, msg=f"{job} {key}")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_two_stage_training_matches_single_process_and_resumes(tmp_path, engine):
+    piped = torchrun(pipeline_config(tmp_path, engine, "piped"), tmp_path, 2)
+    assert piped.returncode == 0, piped.stderr[-4000:]
+    piped_dir = tmp_path / "piped"
+
+    # The single-process runtime on the very schedule the pipeline ran.
+    single_data = pipeline_config(tmp_path, engine, "single")
+    single_data["parallel"] = {"engine": "none"}
+    schedule = Schedule.from_json_dict(json.loads((piped_dir / "schedule.json").read_text()))
+    assert schedule.stages == 2
+    MultiJobTrainer(parse_config(single_data, tmp_path), progress=False).train(schedule=schedule)
+    single_dir = tmp_path / "single"
+
+    piped_losses, single_losses = losses(piped_dir), losses(single_dir)
+    assert piped_losses.keys() == single_losses.keys() and len(piped_losses) == 4 + 5 + 3
+    for key, value in single_losses.items():
+        assert piped_losses[key] == pytest.approx(value, rel=1e-5), key
+    assert_same_adapters(piped_dir, single_dir)
+
+    # Killed after a few microbatches, then resumed: the same final adapters.
+    killed = torchrun(pipeline_config(tmp_path, engine, "resumed"), tmp_path, 2, "--stop-after", "6")
+    assert killed.returncode == 0, killed.stderr[-4000:]
+    assert not (tmp_path / "resumed" / "add" / "adapter_model.safetensors").exists()
+    resumed = torchrun(pipeline_config(tmp_path, engine, "resumed"), tmp_path, 2, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert_same_adapters(piped_dir, tmp_path / "resumed")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_layout_fails_on_every_rank_with_the_same_message(tmp_path, engine):
+    result = torchrun(pipeline_config(tmp_path, engine, "bad", stages=3), tmp_path, 3)
+    assert result.returncode != 0
+    message = "pipeline_stages=3 is larger than the model's 2 decoder layers"
+    assert result.stderr.count(message) == 3, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_wrong_process_count_fails_clearly(tmp_path, engine):
+    result = torchrun(pipeline_config(tmp_path, engine, "bad"), tmp_path, 3)
+    assert result.returncode != 0
+    assert result.stderr.count("= 2 processes are needed, but 3 were started") == 3, result.stderr[-4000:]

@@ -174,7 +174,7 @@ class PipelineTrainer(MultiJobTrainer):
             stage_input.requires_grad_()
         self._seed_microbatch(position)
         with multi_lora_batch(self.model, packed.lora_batch):
-            output = self.stage(stage_input, packed.position_ids, packed.attention_mask)
+            output = self.stage(stage_input, packed.position_ids, packed.sample_lengths)
         if self.is_last_stage:
             losses = self._job_losses(packed, per_token_loss(output, packed.labels), refs)
             for name, loss in losses.items():

@@ -72,13 +72,18 @@ class DecoderStage(nn.Module):
         self.norm = decoder.norm if is_last else None
         self.lm_head = model.lm_head if is_last else None
 
-    def forward(self, inputs: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """inputs: input ids [1, T] on the first stage, else hidden states [1, T, H];
-        attention_mask: [1, 1, T, T] bool. Returns logits [1, T, V] on the last stage, else hidden states."""
+    def forward(
+        self, inputs: torch.Tensor, position_ids: torch.Tensor, sample_lengths: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """inputs: input ids [1, T] on the first stage, else hidden states [1, T, H]; sample_lengths:
+        the packed samples' token counts (each attends to itself only; None: one causal sequence).
+        Returns logits [1, T, V] on the last stage, else hidden states."""
         hidden = self.embed_tokens(inputs) if self.is_first else inputs
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=attention_mask, position_ids=position_ids, position_embeddings=position_embeddings)
+            hidden = layer(
+                hidden, position_ids=position_ids, position_embeddings=position_embeddings, sample_lengths=sample_lengths
+            )
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
         if self.is_last:

@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from lorafusion.adapters import replace_directory
+from lorafusion.runtime.attention import PACKED_ATTENTION
 from lorafusion.runtime.data import Sample, load_jsonl_dataset
 from lorafusion.runtime.packing import IGNORE_INDEX, pack_samples, per_token_loss
 from lorafusion.runtime.tokenizer import load_tokenizer
@@ -33,9 +34,9 @@ from .prune_map import PruneMap
 
 def _load_model(model_dir: Path) -> transformers.PreTrainedModel:
     if is_pruned_checkpoint(model_dir):
-        return load_pruned_model(model_dir, dtype=torch.float32)
+        return load_pruned_model(model_dir, dtype=torch.float32, attn_implementation=PACKED_ATTENTION)
     return transformers.AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, dtype=torch.float32, attn_implementation="sdpa"
+        model_dir, local_files_only=True, dtype=torch.float32, attn_implementation=PACKED_ATTENTION
     )
 
 
@@ -118,7 +119,7 @@ def align(
     batches = _batches(samples, tokens_per_step, seed)
     for step in range(1, steps + 1):
         packed = pack_samples([("align", sample) for sample in next(batches)], device)
-        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.attention_mask).logits
+        logits = model(**packed.model_inputs()).logits
         targets = (packed.labels[0, 1:] != IGNORE_INDEX).sum().clamp(min=1)
         loss = per_token_loss(logits, packed.labels).sum() / targets
         optimizer.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ import transformers
 
 from lorafusion import loram
 
+from .attention import PACKED_ATTENTION
 from .config import ModelSpec
 
 ARCHITECTURES = {
@@ -19,21 +20,21 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> transformers.PreTrainedModel:
-    """The frozen base model, in spec.dtype on `device`, with SDPA attention (it takes the
-    block-diagonal masks of packed microbatches). An inline config is initialised from spec.seed,
-    so every process of a run builds the same weights."""
+    """The frozen base model, in spec.dtype on `device`, with the packed-microbatch attention
+    (attention.py). An inline config is initialised from spec.seed, so every process of a run
+    builds the same weights."""
     dtype = DTYPES[spec.dtype]
     if spec.path is not None and loram.is_pruned_checkpoint(spec.path):
         # A LoRAM-pruned model: its layers differ in size, which from_pretrained cannot build.
-        model = loram.load_pruned_model(spec.path, dtype=dtype, attn_implementation="sdpa")
+        model = loram.load_pruned_model(spec.path, dtype=dtype, attn_implementation=PACKED_ATTENTION)
     elif spec.path is not None:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            spec.path, local_files_only=True, dtype=dtype, attn_implementation="sdpa"
+            spec.path, local_files_only=True, dtype=dtype, attn_implementation=PACKED_ATTENTION
         )
     else:
         config_class, model_class = ARCHITECTURES[spec.architecture]
         config = config_class(**spec.config)
-        config._attn_implementation = "sdpa"
+        config._attn_implementation = PACKED_ATTENTION
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             model = model_class(config)

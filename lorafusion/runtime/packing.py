@@ -1,9 +1,10 @@
 """Packed microbatches: the samples the scheduler put in one microbatch, concatenated into a single
 sequence with no attention across samples.
 
-Each sample keeps its own positions (position ids restart at 0) and attends only to itself through
-a block-diagonal causal mask, so a packed sample computes exactly what it computes alone. Each
-sample is one segment of the microbatch's MultiLoRABatch, trained by its job's adapter.
+Each sample keeps its own positions (position ids restart at 0) and attends only to itself (the
+runtime's packed attention, attention.py, runs per sample), so a packed sample computes exactly
+what it computes alone. Consecutive samples of one job form one segment of the microbatch's
+MultiLoRABatch, trained by that job's adapter.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from torch.nn import functional as F
 
 from lorafusion.modules import MultiLoRABatch
 
-from .data import Sample
+from .data import IGNORE_INDEX, Sample
 
-IGNORE_INDEX = -100
 
 
 @dataclass
 class PackedMicrobatch:
     input_ids: torch.Tensor  # [1, tokens]
     position_ids: torch.Tensor  # [1, tokens]
-    attention_mask: torch.Tensor  # [1, 1, tokens, tokens] bool, True = may attend
+    sample_lengths: tuple[int, ...]  # tokens of each packed sample, in order
     labels: torch.Tensor  # [1, tokens], IGNORE_INDEX where no loss is taken
     sample_of_token: torch.Tensor  # [tokens] index into `jobs`
     jobs: list[str]  # the job of each packed sample, in order
@@ -33,6 +33,10 @@ class PackedMicrobatch:
     @property
     def num_tokens(self) -> int:
         return self.input_ids.shape[1]
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments of a Hugging Face causal LM forward (with the packed attention)."""
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "sample_lengths": self.sample_lengths}
 
 
 def pack_samples(entries: list[tuple[str, Sample]], device: torch.device | str = "cpu") -> PackedMicrobatch:
@@ -44,17 +48,29 @@ def pack_samples(entries: list[tuple[str, Sample]], device: torch.device | str =
     labels = torch.tensor([t for _, s in entries for t in s.labels], dtype=torch.long)
     position_ids = torch.cat([torch.arange(n) for n in lengths])
     sample_of_token = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor(lengths))
-    causal = position_ids[:, None] >= position_ids[None, :]
-    same_sample = sample_of_token[:, None] == sample_of_token[None, :]
+    jobs = [job for job, _ in entries]
     return PackedMicrobatch(
         input_ids=input_ids[None].to(device),
         position_ids=position_ids[None].to(device),
-        attention_mask=(causal & same_sample)[None, None].to(device),
+        sample_lengths=tuple(lengths),
         labels=labels[None].to(device),
         sample_of_token=sample_of_token.to(device),
-        jobs=[job for job, _ in entries],
-        lora_batch=MultiLoRABatch([job for job, _ in entries], lengths),
+        jobs=jobs,
+        lora_batch=MultiLoRABatch(*_job_segments(jobs, lengths)),
     )
+
+
+def _job_segments(jobs: list[str], lengths: list[int]) -> tuple[list[str], list[int]]:
+    """Consecutive samples of one job merged into one adapter segment (fewer, longer segments)."""
+    names: list[str] = []
+    totals: list[int] = []
+    for job, length in zip(jobs, lengths):
+        if names and names[-1] == job:
+            totals[-1] += length
+        else:
+            names.append(job)
+            totals.append(length)
+    return names, totals
 
 
 def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -516,9 +516,7 @@ class MultiJobTrainer:
         entries = [(ref.job, self.jobs[ref.job].samples[self.jobs[ref.job].order[ref.index]]) for ref in refs]
         packed = pack_samples(entries, self.device)
         with multi_lora_batch(self.model, packed.lora_batch):
-            logits = self.model(
-                input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.attention_mask
-            ).logits
+            logits = self.model(**packed.model_inputs()).logits
         return self._job_losses(packed, per_token_loss(logits, packed.labels), refs)
 
     def _job_losses(self, packed: PackedMicrobatch, token_losses: torch.Tensor, refs: list) -> dict[str, torch.Tensor]:

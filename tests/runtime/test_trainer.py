@@ -41,7 +41,7 @@ def test_packed_microbatch_equals_each_sample_alone():
                Sample(3, (257, 11, 258), (-100, 11, 258))]
     packed = pack_samples([("a", s) for s in samples])
     with torch.no_grad():
-        logits = model(input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=packed.attention_mask).logits
+        logits = model(**packed.model_inputs()).logits
         losses = per_token_loss(logits, packed.labels)
         start = 0
         for sample in samples:

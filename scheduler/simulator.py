@@ -198,6 +198,17 @@ def fixed_size_microbatches(job: Job, global_batch: int, capacity: int) -> list[
     return result
 
 
+def megatron_order(jobs: Sequence[Job], stages: int, capacity: int) -> list[Microbatch]:
+    """Megatron-style execution order: one job at a time, fixed-size microbatches, and after every
+    global batch the S - 1 no-op slots by which a 1F1B pipeline drains before the optimizer step
+    (a flush)."""
+    order: list[Microbatch] = []
+    for job in jobs:
+        for g in range(job.num_global_batches):
+            order += fixed_size_microbatches(job, g, capacity) + [NOOP] * (stages - 1)
+    return order
+
+
 def megatron_baseline(jobs: Sequence[Job], stages: int, capacity: int, cost: CostModel) -> SimulationResult:
     """One job at a time, fixed-size microbatches, a pipeline flush after every global batch."""
     total = SimulationResult(stages, 0.0, 0.0, 0)

@@ -18,6 +18,8 @@ P2PCommunicator; see megatron_engine.py.
 
 from __future__ import annotations
 
+import json
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
@@ -117,10 +119,13 @@ class PipelineTrainer(MultiJobTrainer):
                 slots.append((position, refs))
         if stop_after_microbatches is not None:
             slots = slots[:stop_after_microbatches]
+        self._compute_log: list[tuple[str, int, float]] = []
+        loop_started = time.perf_counter()
         try:
             self._one_forward_one_backward(slots)
         finally:
             self._close_progress()
+        self._write_stage_stats(time.perf_counter() - loop_started)
         dist.barrier(group=self.pipeline_group)
         if stop_after_microbatches is not None:
             return self._result(len(slots), interrupted=True)
@@ -130,6 +135,29 @@ class PipelineTrainer(MultiJobTrainer):
                     self.publish_adapter(job)
         dist.barrier(group=self.pipeline_group)
         return self.finish(len(slots))
+
+    def _timed(self, kind: str, tokens: int, work):
+        """Run `work`, logging its compute time on this stage (for the measured bubble fraction)."""
+        started = time.perf_counter()
+        result = work()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._compute_log.append((kind, tokens, time.perf_counter() - started))
+        return result
+
+    def _write_stage_stats(self, wall_s: float) -> None:
+        """output_dir/pipeline_stats/stage-<s>.json: the loop's wall time and each forward and
+        backward's compute time on this stage; 1 - busy / wall, over stages, is the bubble."""
+        stats = {
+            "stage": self.stage_index,
+            "stages": self.num_stages,
+            "wall_s": wall_s,
+            "busy_s": sum(seconds for _, _, seconds in self._compute_log),
+            "compute": self._compute_log,
+        }
+        path = self.output_dir / "pipeline_stats" / f"stage-{self.stage_index}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(stats))
 
     def _shape(self, slot) -> tuple[int, int, int]:
         # A tuple: megatron's combined send/recv calls take a list as a list of shapes.
@@ -143,22 +171,30 @@ class PipelineTrainer(MultiJobTrainer):
         warmup = min(self.num_stages - self.stage_index - 1, total)
         in_flight: deque[_InFlight] = deque()
         link = self.link
+        forward, backward = self._timed_forward, self._timed_backward
         for i in range(warmup):
             stage_input = link.recv_forward(self._shape(slots[i]))
-            link.send_forward(self._forward(slots[i], stage_input, in_flight))
+            link.send_forward(forward(slots[i], stage_input, in_flight))
         steady = total - warmup
         stage_input = link.recv_forward(self._shape(slots[warmup])) if steady > 0 else None
         for k in range(steady):
-            output = self._forward(slots[warmup + k], stage_input, in_flight)
+            output = forward(slots[warmup + k], stage_input, in_flight)
             output_grad = link.send_forward_recv_backward(output, self._shape(slots[k]))
-            input_grad = self._backward(in_flight.popleft(), output_grad)
+            input_grad = backward(in_flight.popleft(), output_grad)
             if k == steady - 1:
                 link.send_backward(input_grad)
             else:
                 stage_input = link.send_backward_recv_forward(input_grad, self._shape(slots[warmup + k + 1]))
         for k in range(steady, total):
             output_grad = link.recv_backward(self._shape(slots[k]))
-            link.send_backward(self._backward(in_flight.popleft(), output_grad))
+            link.send_backward(backward(in_flight.popleft(), output_grad))
+
+    def _timed_forward(self, slot, stage_input, in_flight):
+        return self._timed("forward", self._shape(slot)[1], lambda: self._forward(slot, stage_input, in_flight))
+
+    def _timed_backward(self, item: _InFlight, output_grad):
+        tokens = sum(ref.tokens for ref in item.refs)
+        return self._timed("backward", tokens, lambda: self._backward(item, output_grad))
 
     def _forward(self, slot, stage_input: torch.Tensor | None, in_flight: deque) -> torch.Tensor | None:
         position, refs = slot

@@ -65,6 +65,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("nf4",)
 DATA_FORMATS = ("prompt_completion", "text")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULE_POLICIES = ("lorafusion", "megatron", "mlora")
 SOLVERS = ("milp", "greedy")
 PARALLEL_ENGINES = ("none", "megatron", "deepspeed")
 JOB_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
@@ -152,13 +153,17 @@ class SchedulerSpec:
 
     capacity: tokens per microbatch. solver: "milp" or "greedy" (first-fit decreasing).
     time_limit_s: MILP time limit per packing problem. pad_multiple: each job's segment in a
-    microbatch is padded to a multiple of this.
+    microbatch is padded to a multiple of this. policy: "lorafusion" (grouping, packing and
+    dependency-aware ordering), or a baseline's schedule for comparisons: "megatron" (one job at a
+    time, fixed-size microbatches, a pipeline flush after every global batch) or "mlora" (one job
+    per fixed-size microbatch, jobs round-robin).
     """
 
     capacity: int = 4096
     solver: str = "milp"
     time_limit_s: float = 1.0
     pad_multiple: int = 1
+    policy: str = "lorafusion"
 
 
 @dataclass(frozen=True)
@@ -326,6 +331,7 @@ def _parse_scheduler(checker: _Checker, section: object) -> SchedulerSpec:
         solver=checker.choice(scheduler, "solver", "scheduler", SOLVERS, default="milp"),
         time_limit_s=checker.number(scheduler, "time_limit_s", "scheduler", default=1.0, bounds="positive"),
         pad_multiple=checker.integer(scheduler, "pad_multiple", "scheduler", default=1, minimum=1),
+        policy=checker.choice(scheduler, "policy", "scheduler", SCHEDULE_POLICIES, default="lorafusion"),
     )
 
 

@@ -35,7 +35,7 @@ from lorafusion.adapters import adapter_key, replace_directory, write_adapter_di
 from lorafusion.apply import apply_multi_lora, get_multi_lora_configs, multi_lora_modules
 from lorafusion.config import LoRAConfig
 from lorafusion.modules import multi_lora_batch
-from lorafusion.scheduler import Job, Schedule, plan_schedule
+from lorafusion.scheduler import Job, Schedule, megatron_order, mlora_order, plan_schedule
 
 from .config import JobSpec, TrainConfig
 from .data import DataError, Sample, load_jsonl_dataset
@@ -241,7 +241,7 @@ class MultiJobTrainer:
                 "spec": {k: str(v) for k, v in vars(job.spec).items()},
             }
             for name, job in self.jobs.items()
-        } | {"capacity": self.config.scheduler.capacity, "pad_multiple": self.config.scheduler.pad_multiple}
+        } | {"scheduler": {k: str(v) for k, v in vars(self.config.scheduler).items() if k != "time_limit_s"}}
 
     def plan(self, resume: bool) -> Schedule:
         path = self.output_dir / SCHEDULE_FILE
@@ -259,15 +259,20 @@ class MultiJobTrainer:
             for name, job in self.jobs.items()
             if job.status == "running"
         ]
-        spec = self.config.scheduler
-        schedule = plan_schedule(
-            scheduler_jobs,
-            stages=self.config.parallel.pipeline_stages,
-            capacity=spec.capacity,
-            pad_multiple=spec.pad_multiple,
-            time_limit_s=spec.time_limit_s,
-            use_milp=spec.solver == "milp",
-        )
+        spec, stages = self.config.scheduler, self.config.parallel.pipeline_stages
+        if spec.policy == "lorafusion":
+            schedule = plan_schedule(
+                scheduler_jobs,
+                stages=stages,
+                capacity=spec.capacity,
+                pad_multiple=spec.pad_multiple,
+                time_limit_s=spec.time_limit_s,
+                use_milp=spec.solver == "milp",
+            )
+        else:
+            baseline_order = megatron_order if spec.policy == "megatron" else mlora_order
+            microbatches = baseline_order(scheduler_jobs, stages, spec.capacity)
+            schedule = Schedule(stages=stages, capacity=spec.capacity, pad_multiple=1, microbatches=microbatches)
         _write_json_atomically(path, schedule.to_json_dict() | {"fingerprint": fingerprint})
         return schedule
 

@@ -22,7 +22,7 @@ from training_fixtures import config_dict
 
 pytestmark = pytest.mark.multiprocess
 
-ENGINES = ["megatron"]
+ENGINES = ["megatron", "deepspeed"]
 TIMEOUT_S = 240
 
 

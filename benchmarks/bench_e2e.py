@@ -3,10 +3,16 @@ scheduler, one shared base model, fused multi-adapter layers) vs PEFT training t
 after another (same model, data order, optimizer steps and microbatch token budget; PEFT batches
 are padded as its usual collators pad them).
 
-On a CPU a tiny Llama and short synthetic samples check the wiring; on a GPU a Llama-shaped model
+With --pipeline-stages S (S processes under torchrun), the same jobs also run pipeline-parallel on
+the megatron-core engine with lorafusion's schedule and with the Megatron-style (one job at a
+time, flush per global batch) and mLoRA-style (round-robin single-job microbatches) schedules,
+and each run's measured bubble fraction is compared with the simulator's prediction for the same
+schedule (cost model fitted to that run's measured per-microbatch compute times).
+
+On a CPU a tiny Llama and short synthetic samples check the wiring; on GPUs a Llama-shaped model
 with random weights (about 1B parameters, bf16) gives the numbers that count.
 
-    python benchmarks/bench_e2e.py [--device cpu|cuda] [--jobs 4] [--steps N] [--out-dir DIR]
+    python benchmarks/bench_e2e.py [--device cpu|cuda] [--jobs 4] [--steps N] [--pipeline-stages S] [--out-dir DIR]
 
 Writes e2e_<device>.csv, .machine.json and .png under benchmarks/results/.
 """
@@ -14,14 +20,21 @@ Writes e2e_<device>.csv, .machine.json and .png under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+import yaml
 
 from harness import RESULTS_DIR, machine_info, print_table, write_results
 from lorafusion.runtime.config import parse_config
@@ -29,6 +42,7 @@ from lorafusion.runtime.data import load_jsonl_dataset
 from lorafusion.runtime.model import build_base_model
 from lorafusion.runtime.tokenizer import load_tokenizer
 from lorafusion.runtime.trainer import MultiJobTrainer, lr_lambda, training_order
+from lorafusion.scheduler import CostModel, Schedule, simulate
 
 CPU_MODEL = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 260, "max_position_embeddings": 1024}
@@ -154,21 +168,67 @@ def run_peft(config_data: dict, directory: Path, device: torch.device) -> dict:
             "final_loss": sum(losses) / len(losses)}
 
 
-def run(device: torch.device, num_jobs: int = 4, steps: int | None = None, out_dir: Path = RESULTS_DIR) -> list[dict]:
+def _fitted_cost(stage_stats: list[dict]) -> CostModel:
+    """Whole-model forward and backward time as a linear function of tokens, from the per-microbatch
+    compute times the stages logged (stage times of the i-th forward summed over stages)."""
+    fits = {}
+    for kind in ("forward", "backward"):
+        per_stage = [[(tokens, seconds) for k, tokens, seconds in stats["compute"] if k == kind] for stats in stage_stats]
+        points = [(entries[0][0], sum(seconds for _, seconds in entries)) for entries in zip(*per_stage) if entries[0][0] > 0]
+        slope, fixed = np.polyfit([t for t, _ in points], [s for _, s in points], 1)
+        fits[kind] = (max(float(fixed), 0.0), max(float(slope), 0.0))
+    return CostModel(fits["forward"][0], fits["forward"][1], fits["backward"][0], fits["backward"][1])
+
+
+def run_pipeline(config_data: dict, directory: Path, engine: str, policy: str, stages: int) -> dict:
+    """One torchrun pipeline run; its tokens/s and measured vs simulated bubble fraction."""
+    data = copy.deepcopy(config_data)
+    data["parallel"] = {"engine": engine, "pipeline_stages": stages}
+    data["scheduler"]["policy"] = policy
+    output = directory / f"{engine}-{policy}"
+    data["output_dir"] = str(output)
+    config_path = directory / f"{engine}-{policy}.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(stages),
+               "-m", "lorafusion.train", str(config_path), "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if done.returncode != 0:
+        raise RuntimeError(f"{engine}/{policy} pipeline run failed:\n{done.stderr[-3000:]}")
+    stats = [json.loads((output / "pipeline_stats" / f"stage-{s}.json").read_text()) for s in range(stages)]
+    wall = max(stage["wall_s"] for stage in stats)
+    records = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    schedule = Schedule.from_json_dict(json.loads((output / "schedule.json").read_text()))
+    predicted = simulate(schedule.microbatches, stages, _fitted_cost(stats))
+    return {
+        "impl": f"{engine}:{policy}", "tokens": sum(r["tokens"] for r in records), "seconds": wall, "plan_seconds": 0.0,
+        "final_loss": float("nan"), "stages": stages,
+        "measured_bubble": 1.0 - sum(stage["busy_s"] for stage in stats) / (stages * wall),
+        "simulated_bubble": predicted.bubble_fraction,
+    }
+
+
+def run(
+    device: torch.device, num_jobs: int = 4, steps: int | None = None, pipeline_stages: int = 0, out_dir: Path = RESULTS_DIR
+) -> list[dict]:
     steps = steps or (20 if device.type == "cuda" else 6)
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
         config = build_config(directory, device, num_jobs, steps)
         rows = [run_lorafusion(config, directory, device), run_peft(config, directory, device)]
+        for policy in ("lorafusion", "megatron", "mlora") if pipeline_stages > 1 else ():
+            rows.append(run_pipeline(config, directory, "megatron", policy, pipeline_stages))
     for row in rows:
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
+        row.setdefault("stages", 1)
+        row.setdefault("measured_bubble", float("nan"))
+        row.setdefault("simulated_bubble", float("nan"))
     for row in rows:
         row["speedup_vs_peft"] = row["tokens_per_s"] / rows[1]["tokens_per_s"]
     info = machine_info(device) | {"jobs": num_jobs, "steps_per_job": steps}
     name = "e2e_" + ("cpu" if device.type == "cpu" else info["gpu"].replace(" ", "_").lower())
     write_results(name, rows, info, out_dir)
     plot(rows, out_dir / f"{name}.png", f"{num_jobs} LoRA jobs, {info.get('gpu', 'CPU')}")
-    print_table(rows, ["impl", "tokens", "seconds", "tokens_per_s", "speedup_vs_peft", "plan_seconds", "final_loss"])
+    print_table(rows, ["impl", "stages", "tokens", "seconds", "tokens_per_s", "speedup_vs_peft", "measured_bubble", "simulated_bubble"])
     return rows
 
 
@@ -179,7 +239,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar([r["impl"] for r in rows], [r["tokens_per_s"] for r in rows], color=["tab:green", "tab:orange"])
+    ax.bar([r["impl"] for r in rows], [r["tokens_per_s"] for r in rows])
+    ax.tick_params(axis="x", labelrotation=20)
     ax.set_ylabel("training tokens / s")
     ax.set_title(title)
     fig.tight_layout()
@@ -192,9 +253,10 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--pipeline-stages", type=int, default=0, help="also run pipeline-parallel on S processes")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
-    run(torch.device(args.device), args.jobs, args.steps, args.out_dir)
+    run(torch.device(args.device), args.jobs, args.steps, args.pipeline_stages, args.out_dir)
 
 
 def test_e2e_smoke(tmp_path):
@@ -204,6 +266,15 @@ def test_e2e_smoke(tmp_path):
     assert lorafusion["tokens"] == peft_rows["tokens"] > 0
     assert all(math.isfinite(r["final_loss"]) for r in rows)
     assert (tmp_path / "e2e_cpu.csv").read_text().startswith("impl,tokens,seconds")
+
+
+@pytest.mark.multiprocess
+def test_pipeline_rows_measure_and_simulate_the_bubble(tmp_path):
+    rows = run(torch.device("cpu"), num_jobs=2, steps=2, pipeline_stages=2, out_dir=tmp_path)
+    assert [r["impl"] for r in rows[2:]] == ["megatron:lorafusion", "megatron:megatron", "megatron:mlora"]
+    for row in rows[2:]:
+        assert row["tokens"] == rows[0]["tokens"]  # every schedule trains every sample once
+        assert 0.0 <= row["measured_bubble"] < 1.0 and 0.0 <= row["simulated_bubble"] < 1.0
 
 
 def test_lorafusion_training_step(benchmark, tmp_path):

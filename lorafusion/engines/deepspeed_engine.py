@@ -100,6 +100,7 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
         self.engine = None
         self._window: list = []
         self._window_refs: dict[int, list] = {}
+        self._instructions_run: dict[str, int] = {}
         self._set_aside: dict[torch.nn.Parameter, torch.Tensor] = {}
         self._non_finite: str | None = None
 
@@ -137,7 +138,37 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
             raise RuntimeError(f"DeepSpeed made process {dist.get_rank()} stage {engine.stage_id}, not {self.stage_index}")
         # With one data-parallel replica there is nothing to all-reduce.
         engine.pipeline_enable_backward_allreduce = False
+        engine._INSTRUCTION_MAP = self._timed_instructions(type(engine)._INSTRUCTION_MAP)
         return engine
+
+    def _timed_instructions(self, instruction_map: dict) -> dict:
+        """DeepSpeed's instruction map with this stage's forwards, backwards and optimizer steps
+        timed into the stage statistics (pipeline_stats/, as the other engine logs them). The engine
+        reads the map per instruction (`_exec_schedule`, DeepSpeed 0.19), so an instance copy takes
+        effect. A stage runs a window's forwards, and its backwards, in microbatch order
+        (DeepSpeed's TrainSchedule), which gives each timing its microbatch."""
+        from deepspeed.runtime.pipe import schedule
+
+        timed = dict(instruction_map)
+        for instruction, kind in (
+            (schedule.ForwardPass, "forward"),
+            (schedule.BackwardPass, "backward"),
+            (schedule.OptimizerStep, "step"),
+        ):
+            timed[instruction] = self._timed_instruction(kind, instruction_map[instruction])
+        return timed
+
+    def _timed_instruction(self, kind: str, execute):
+        def run(engine, **kwargs):
+            if kind == "step":
+                tokens = 0
+            else:
+                index = self._instructions_run[kind]
+                self._instructions_run[kind] += 1
+                tokens = sum(ref.tokens for ref in self._window[index][1])
+            return self._timed(kind, tokens, lambda: execute(engine, **kwargs))
+
+        return run
 
     # ---- execution ------------------------------------------------------------------------------
 
@@ -149,6 +180,7 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
         self.engine = self.engine or self._build_engine()
         for window in windows:
             self._window, self._window_refs = window, dict(window)
+            self._instructions_run = {"forward": 0, "backward": 0}
             self.engine.set_train_batch_size(len(window))
             # The first stage reads the inputs, the last the labels: both are the position.
             batches = [(torch.tensor([position]), torch.tensor([position])) for position, _ in window]

@@ -131,6 +131,9 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
                 "gradient_accumulation_steps": 1,
                 "steps_per_print": _NEVER,
                 "zero_optimization": {"stage": 0},
+                # DeepSpeed clips to 1.0 by default, over all of a stage's jobs at once: each job's
+                # update must see its own unclipped gradient, as in the single-process runtime.
+                "gradient_clipping": 0.0,
                 "pipeline": {"activation_checkpoint_interval": 0},
             },
         )

@@ -12,7 +12,7 @@ checkpoints, metrics on the last stage, the final adapters. Only the execution d
 - Metadata. Every rank holds the same schedule; the activation tuple carries the microbatch's
   schedule position (hidden states first, then a one-element int64 tensor: DeepSpeed reuses its
   receive buffers by tuple index whatever the dtype, so the order must not vary), and each stage
-  rebuilds positions, the block-diagonal mask and the adapter segments from it. dynamic_shape=True
+  rebuilds positions, sample boundaries and adapter segments from it. dynamic_shape=True
   makes DeepSpeed send each activation's shape, so microbatches keep their exact token counts.
 - Windows. train_batch() runs gradient_accumulation_steps microbatches, flushes the pipeline, then
   makes ONE optimizer step. The schedule is therefore cut into windows ending where some job's
@@ -24,6 +24,9 @@ checkpoints, metrics on the last stage, the final adapters. Only the execution d
 - Loss scaling. DeepSpeed divides the last stage's loss by gradient_accumulation_steps before the
   backward; the stage multiplies it by the window length first, so each job's gradient is that of
   its own global-batch mean token loss, as in the single-process runtime.
+- DeepSpeed's defaults stay out of the numbers: its gradient clipping (1.0 by default, over all of
+  a stage's jobs at once) is off, its data-parallel all-reduce is skipped (one replica), and
+  train_batch() does not switch the model's training mode (dropout acts as in the other engines).
 - No-op microbatches are not run: they exist to keep a job's batches apart in a pipeline that is
   never flushed, and DeepSpeed flushes at every window.
 - Non-finite values stop the run on every rank with the same message: the last stage records a

@@ -123,10 +123,13 @@ _OPS = {"torch": _TorchMultiOps, "triton": _TritonMultiOps}
 
 class MultiLoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A_cat, lora_B_cat, meta, backend):
+    def forward(ctx, x, weight, bias, lora_A_cat, lora_B_cat, meta, backend, dropout_seed):
         ops = _OPS[backend]
         x2d = x.reshape(-1, x.shape[-1])
-        seed = new_dropout_seed(x.device) if meta.has_dropout else 0
+        if not meta.has_dropout:
+            seed = 0
+        else:
+            seed = new_dropout_seed(x.device) if dropout_seed is None else dropout_seed
         s = ops.down(x2d, lora_A_cat, meta, seed)
         y = ops.up(s, lora_B_cat, bias, meta)
         quantized_weight = weight if isinstance(weight, NF4Weight) else None
@@ -164,7 +167,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
             grad_w = dy2d.t() @ x2d
         if need_dbias and ctx.has_bias:
             grad_bias = dy2d.sum(0)
-        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
 
 
 def fused_multi_lora_linear(
@@ -175,6 +178,7 @@ def fused_multi_lora_linear(
     lora_B_cat: torch.Tensor,
     meta: SegmentMeta,
     backend: str = "auto",
+    dropout_seed: int | None = None,
 ) -> torch.Tensor:
     """Y = X W^T (+ bias) + per segment scaling_a * dropout_a(X) A_a^T B_a^T.
 
@@ -182,7 +186,8 @@ def fused_multi_lora_linear(
     segments; weight: [out_features, in_features], a tensor or a frozen `kernels.nf4.NF4Weight`
     (its compute dtype must equal x.dtype); lora_A_cat: [sum of ranks, in_features] and
     lora_B_cat: [out_features, sum of ranks], the adapters' A and B concatenated in adapter order
-    (see segments.py).
+    (see segments.py). dropout_seed: the Philox seed of the dropout masks (0 <= seed < 2**31);
+    None draws one from torch's generator.
     """
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
@@ -206,4 +211,4 @@ def fused_multi_lora_linear(
     if tokens == 0:
         base = weight.dequantize(backend=resolved) if isinstance(weight, NF4Weight) else weight
         return torch.nn.functional.linear(x, base, bias)
-    return MultiLoRALinearFunction.apply(x, weight, bias, lora_A_cat, lora_B_cat, meta, resolved)
+    return MultiLoRALinearFunction.apply(x, weight, bias, lora_A_cat, lora_B_cat, meta, resolved, dropout_seed)

@@ -232,6 +232,7 @@ def apply_multi_lora(
             linear, backend=backends[0], quantize=quantize, double_quant=double_quant, blocksize=blocksize
         )
         layer.train(linear.training)
+        layer.dropout_seed_offset = zlib.crc32(module_name.encode())
         parent_name, _, child_name = module_name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, layer)
         layers[module_name] = layer

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lorafusion.modules import multi_lora_batch
-from lorafusion.runtime.packing import pack_samples, per_token_loss
+from lorafusion.runtime.packing import per_token_loss
 
 from .pipeline import PipelineTrainer, check_world
 
@@ -221,9 +221,7 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
             stage_input, position_tensor = inputs
         position = int(position_tensor.item())
         refs = self._window_refs[position]
-        entries = [(ref.job, self.jobs[ref.job].samples[self.jobs[ref.job].order[ref.index]]) for ref in refs]
-        packed = pack_samples(entries, self.device)
-        self._seed_microbatch(position)
+        packed = self.pack(position, refs)
         with multi_lora_batch(self.model, packed.lora_batch):
             output = self.stage(packed.input_ids if stage_input is None else stage_input, packed.position_ids, packed.sample_lengths)
         if not self.is_last_stage:

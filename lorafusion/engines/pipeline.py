@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from lorafusion.modules import multi_lora_batch
-from lorafusion.runtime.packing import pack_samples, per_token_loss
+from lorafusion.runtime.packing import per_token_loss
 from lorafusion.runtime.trainer import JobRun, MultiJobTrainer, TrainResult
 from lorafusion.scheduler import Schedule
 
@@ -202,13 +202,11 @@ class PipelineTrainer(MultiJobTrainer):
             empty = torch.zeros(self._shape(slot), dtype=self.pipeline_dtype, device=self.device)
             in_flight.append(_InFlight(position, refs, stage_input, None))
             return None if self.is_last_stage else empty
-        entries = [(ref.job, self.jobs[ref.job].samples[self.jobs[ref.job].order[ref.index]]) for ref in refs]
-        packed = pack_samples(entries, self.device)
+        packed = self.pack(position, refs)
         if stage_input is None:
             stage_input = packed.input_ids
         else:
             stage_input.requires_grad_()
-        self._seed_microbatch(position)
         with multi_lora_batch(self.model, packed.lora_batch):
             output = self.stage(stage_input, packed.position_ids, packed.sample_lengths)
         if self.is_last_stage:
@@ -229,7 +227,7 @@ class PipelineTrainer(MultiJobTrainer):
             return None if item.stage_input is None else torch.zeros_like(item.stage_input)
         if self.is_last_stage:
             item.stage_output.backward()
-        else:
+        elif item.stage_output.requires_grad:  # else no adapter of these jobs on this (first) stage
             torch.autograd.backward(item.stage_output, grad_tensors=output_grad)
         input_grad = item.stage_input.grad if item.stage_input is not None else None
         for ref in item.refs:

@@ -42,10 +42,12 @@ class MultiLoRABatch:
     Segment i is `lengths[i]` consecutive tokens of the flattened input, trained by adapter
     `adapter_names[i]`; a name may repeat, a length may be 0. Build it once per microbatch: the
     kernels' segment metadata is derived once per distinct layer configuration and cached here,
-    so every layer of the model reuses it.
+    so every layer of the model reuses it. `dropout_seed` makes the adapters' dropout masks a
+    function of the batch (each layer adds its own `dropout_seed_offset`); None draws seeds from
+    torch's generator.
     """
 
-    def __init__(self, adapter_names: Sequence[str], lengths: Sequence[int]) -> None:
+    def __init__(self, adapter_names: Sequence[str], lengths: Sequence[int], dropout_seed: int | None = None) -> None:
         if len(adapter_names) != len(lengths):
             raise ValueError(
                 f"adapter_names and lengths need one entry per segment, got {len(adapter_names)} names "
@@ -57,8 +59,11 @@ class MultiLoRABatch:
         for length in lengths:
             if isinstance(length, bool) or not isinstance(length, int) or length < 0:
                 raise ValueError(f"lengths must be integers >= 0, got {length!r}")
+        if dropout_seed is not None and not 0 <= dropout_seed < 2**31 - 1:
+            raise ValueError(f"dropout_seed must be in [0, 2**31 - 1), got {dropout_seed}")
         self.adapter_names = tuple(adapter_names)
         self.lengths = tuple(lengths)
+        self.dropout_seed = dropout_seed
         self._metas: dict[tuple, SegmentMeta] = {}
 
     @property
@@ -140,6 +145,9 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.adapters: dict[str, AdapterSettings] = {}
         self._context_batch: MultiLoRABatch | None = None
+        # Added to a batch's dropout seed, so layers draw different masks (apply_multi_lora sets it
+        # from the module's name, so it does not depend on how the model is split into stages).
+        self.dropout_seed_offset = int(torch.randint(0, 2**31 - 1, ()).item())
 
     @property
     def quantized(self) -> bool:
@@ -210,7 +218,10 @@ class MultiLoRALinear(nn.Module):
         }
         meta = batch.segment_meta(settings, x.device)
         lora_A_cat, lora_B_cat = self._concatenated(held)
-        return fused_multi_lora_linear(x, self.weight, self.bias, lora_A_cat, lora_B_cat, meta, backend=self.backend)
+        seed = None if batch.dropout_seed is None else (batch.dropout_seed + self.dropout_seed_offset) % (2**31 - 1)
+        return fused_multi_lora_linear(
+            x, self.weight, self.bias, lora_A_cat, lora_B_cat, meta, backend=self.backend, dropout_seed=seed
+        )
 
     def _concatenated(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of `names` stacked along the rank (differentiable: each gradient flows back to

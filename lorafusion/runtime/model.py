@@ -44,4 +44,5 @@ def build_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> tra
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return model.to(device)
+    # from_pretrained returns a model in eval mode: training runs need dropout (the adapters' too).
+    return model.to(device).train()

@@ -39,8 +39,11 @@ class PackedMicrobatch:
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "sample_lengths": self.sample_lengths}
 
 
-def pack_samples(entries: list[tuple[str, Sample]], device: torch.device | str = "cpu") -> PackedMicrobatch:
-    """Concatenate (job name, sample) entries into one packed microbatch."""
+def pack_samples(
+    entries: list[tuple[str, Sample]], device: torch.device | str = "cpu", dropout_seed: int | None = None
+) -> PackedMicrobatch:
+    """Concatenate (job name, sample) entries into one packed microbatch; `dropout_seed` seeds the
+    adapters' dropout masks (see MultiLoRABatch)."""
     if not entries:
         raise ValueError("pack_samples needs at least one sample")
     lengths = [len(sample.input_ids) for _, sample in entries]
@@ -56,7 +59,7 @@ def pack_samples(entries: list[tuple[str, Sample]], device: torch.device | str =
         labels=labels[None].to(device),
         sample_of_token=sample_of_token.to(device),
         jobs=jobs,
-        lora_batch=MultiLoRABatch(*_job_segments(jobs, lengths)),
+        lora_batch=MultiLoRABatch(*_job_segments(jobs, lengths), dropout_seed=dropout_seed),
     )
 
 

@@ -489,22 +489,24 @@ class MultiJobTrainer:
         for bar in self._bars.values():
             bar.close()
 
-    def _seed_microbatch(self, position: int) -> None:
-        # Dropout masks come from torch's generator: seeding it by the microbatch's position makes
-        # the draws a function of the schedule (the RNG state a checkpoint would otherwise keep).
-        torch.manual_seed(self.config.model.seed * 1_000_003 + position)
+    def pack(self, position: int, refs: list) -> PackedMicrobatch:
+        """The samples of microbatch `position`, packed. Its dropout seed depends only on the run
+        and the position (each layer mixes in its own offset), so the single process, every
+        pipeline engine and a resumed run draw the same masks: the RNG state a checkpoint would
+        otherwise have to keep."""
+        entries = [(ref.job, self.jobs[ref.job].samples[self.jobs[ref.job].order[ref.index]]) for ref in refs]
+        seed = (self.config.model.seed * 1_000_003 + position) % (2**31 - 1)
+        return pack_samples(entries, self.device, dropout_seed=seed)
 
     def _run_microbatch(self, position: int, refs: list) -> None:
-        self._seed_microbatch(position)
-        losses = self._forward(refs)
+        losses = self._forward(position, refs)
         bad = [name for name, loss in losses.items() if not torch.isfinite(loss)]
         if bad:
-            self._isolate_failures(refs, bad)
+            self._isolate_failures(position, refs, bad)
             refs = [ref for ref in refs if self.jobs[ref.job].status == "running"]
             if not refs:
                 return
-            self._seed_microbatch(position)
-            losses = self._forward(refs)
+            losses = self._forward(position, refs)
         sum(losses.values()).backward()
         for name, loss in losses.items():
             self.jobs[name].batch_loss += loss.item()
@@ -516,10 +518,9 @@ class MultiJobTrainer:
             if job.remaining[ref.global_batch] == 0:
                 self._step(job, ref.global_batch)
 
-    def _forward(self, refs: list) -> dict[str, torch.Tensor]:
+    def _forward(self, position: int, refs: list) -> dict[str, torch.Tensor]:
         """Each job's share of the microbatch loss (token cross-entropy sum / its global batch's target tokens)."""
-        entries = [(ref.job, self.jobs[ref.job].samples[self.jobs[ref.job].order[ref.index]]) for ref in refs]
-        packed = pack_samples(entries, self.device)
+        packed = self.pack(position, refs)
         with multi_lora_batch(self.model, packed.lora_batch):
             logits = self.model(**packed.model_inputs()).logits
         return self._job_losses(packed, per_token_loss(logits, packed.labels), refs)
@@ -531,13 +532,13 @@ class MultiJobTrainer:
         batch_of_job = {ref.job: ref.global_batch for ref in refs}
         return {name: sums[i] / self.jobs[name].target_tokens[batch_of_job[name]] for i, name in enumerate(names)}
 
-    def _isolate_failures(self, refs: list, suspects: list[str]) -> None:
+    def _isolate_failures(self, position: int, refs: list, suspects: list[str]) -> None:
         """Non-finite values in one sample can reach others through the attention kernels, so a
         non-finite loss is attributed by re-running each suspect job's samples alone."""
         for name in suspects:
             own = [ref for ref in refs if ref.job == name]
             with torch.no_grad():
-                loss = self._forward(own)[name]
+                loss = self._forward(position, own)[name]
             if not torch.isfinite(loss):
                 self._fail(self.jobs[name], f"non-finite loss ({loss.item()}) in global batch {own[0].global_batch}")
 

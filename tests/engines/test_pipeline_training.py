@@ -42,6 +42,8 @@ def pipeline_config(tmp_path: Path, engine: str, output: str, stages: int = 2) -
     config = config_dict(tmp_path, jobs=("add", "rev", "txt"), output=output)
     # "rev" trains only some layers: stages holding none of them must still carry its tokens.
     config["jobs"][1]["target_modules"] = ["q_proj", "v_proj", "lm_head"]
+    # Dropout masks are seeded per (microbatch, layer), so they agree across engines and stage counts.
+    config["jobs"][0]["lora_dropout"] = 0.2
     config["parallel"] = {"engine": engine, "pipeline_stages": stages}
     return config
 

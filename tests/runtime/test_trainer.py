@@ -85,12 +85,13 @@ def test_loss_falls_and_metrics_are_written(tmp_path):
 
 
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
-    uninterrupted = MultiJobTrainer(make_config(tmp_path, output="full"), progress=False)
+    with_dropout = dict(add=dict(lora_dropout=0.3))  # masks are seeded by microbatch and layer, not RNG state
+    uninterrupted = MultiJobTrainer(make_config(tmp_path, output="full", **with_dropout), progress=False)
     uninterrupted.train()
-    killed = MultiJobTrainer(make_config(tmp_path, output="resumed"), progress=False)
+    killed = MultiJobTrainer(make_config(tmp_path, output="resumed", **with_dropout), progress=False)
     assert killed.train(stop_after_microbatches=5).interrupted
     assert (tmp_path / "resumed" / "checkpoints").is_dir()
-    resumed = MultiJobTrainer(make_config(tmp_path, output="resumed"), progress=False)
+    resumed = MultiJobTrainer(make_config(tmp_path, output="resumed", **with_dropout), progress=False)
     result = resumed.train(resume=True)
     assert all(job.status == "finished" for job in result.jobs.values())
     for job in ("add", "rev", "txt"):

@@ -288,7 +288,7 @@ class _NonFiniteValues(Exception):
 
 def train_with_deepspeed(config, resume: bool = False, stop_after_microbatches: int | None = None, progress: bool = True):
     """Run `config` on the processes torchrun started, one pipeline stage each."""
-    check_world(config, int(os.environ.get("WORLD_SIZE", "1")))
+    check_world(config, int(os.environ.get("WORLD_SIZE", "1")), supports_data_parallel=False)
     import deepspeed
     from deepspeed.utils import logger as deepspeed_logger
 

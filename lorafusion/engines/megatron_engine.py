@@ -72,7 +72,13 @@ def train_with_megatron(config, resume: bool = False, stop_after_microbatches: i
     )
     try:
         trainer = PipelineTrainer(
-            config, MegatronLink, parallel_state.get_pipeline_model_parallel_rank(), device=device, progress=progress
+            config,
+            MegatronLink,
+            parallel_state.get_pipeline_model_parallel_rank(),
+            device=device,
+            progress=progress,
+            replica_index=parallel_state.get_data_parallel_rank(),
+            data_parallel_group=parallel_state.get_data_parallel_group(),
         )
         return trainer.train(resume=resume, stop_after_microbatches=stop_after_microbatches)
     finally:

@@ -59,11 +59,61 @@ class _InFlight:
 class PipelineTrainer(MultiJobTrainer):
     """MultiJobTrainer on one stage of an S-stage pipeline (torch.distributed must be initialised)."""
 
-    def __init__(self, config, link_factory, stage_index: int, device=None, progress: bool = True):
+    publishes_when_finished = False
+
+    def __init__(
+        self,
+        config,
+        link_factory,
+        stage_index: int,
+        device=None,
+        progress: bool = True,
+        replica_index: int = 0,
+        data_parallel_group=None,
+    ):
         self.num_stages = config.parallel.pipeline_stages
         self.stage_index = stage_index
+        self.num_replicas = config.parallel.data_parallel
+        self.replica_index = replica_index
+        self.data_parallel_group = data_parallel_group
         self._link_factory = link_factory
+        self._chunk_refs: dict[int, list] = {}
         super().__init__(config, device=device, progress=progress)
+
+    # ---- data parallelism: D replicas of the pipeline, each taking one microbatch of every D ----
+    #
+    # The schedule is planned for S x D pipeline positions, then cut into chunks of D consecutive
+    # microbatches; replica r runs the r-th of each chunk. Two dependent microbatches S x D
+    # positions apart are then S chunks apart, which is what each replica's 1F1B needs; every
+    # replica counts the whole chunk towards its jobs' global batches, so all replicas step a job
+    # at the same point of their pipelines and sum its gradients there.
+
+    @property
+    def is_reporter(self) -> bool:
+        return self.is_last_stage and self.replica_index == 0
+
+    @property
+    def planning_stages(self) -> int:
+        return self.num_stages * self.num_replicas
+
+    def reduce_gradients(self, job: JobRun) -> None:
+        if self.num_replicas == 1:
+            return
+        params = list(job.named_parameters.values())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        # The loss travels in the same all-reduce: each replica's last stage holds its share.
+        loss = torch.tensor([job.batch_loss], dtype=torch.float64, device=self.device)
+        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [loss])
+        dist.all_reduce(flat, group=self.data_parallel_group)
+        offset = 0
+        for param, grad in zip(params, grads):
+            param.grad = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
+            offset += grad.numel()
+        job.batch_loss = float(flat[-1])
+
+    def save_checkpoint(self, job: JobRun) -> None:
+        if self.replica_index == 0:  # the replicas hold the same adapters
+            super().save_checkpoint(job)
 
     # ---- the stage ------------------------------------------------------------------------------
 
@@ -90,16 +140,16 @@ class PipelineTrainer(MultiJobTrainer):
     # ---- run-level set-up: one writer, the same schedule everywhere -----------------------------
 
     def prepare_run(self, resume: bool, schedule: Schedule | None) -> Schedule:
-        """Stage 0 (global rank 0, where Hugging Face's save_pretrained writes) sets up the run's
-        files and plans; every rank gets the schedule (or the error, so that all ranks stop with
-        the same message instead of waiting on each other)."""
+        """Global rank 0 (where Hugging Face's save_pretrained writes) sets up the run's files and
+        plans; every rank gets the schedule (or the error, so that all ranks stop with the same
+        message instead of waiting on each other)."""
         payload: list = [None]
-        if self.stage_index == 0:
+        if dist.get_rank() == 0:
             try:
                 payload[0] = super().prepare_run(resume, schedule)
             except Exception as error:  # noqa: BLE001 - re-raised on every rank below
                 payload[0] = RuntimeError(str(error))
-        dist.broadcast_object_list(payload, src=dist.get_global_rank(self.pipeline_group, 0), group=self.pipeline_group)
+        dist.broadcast_object_list(payload, src=0)
         if isinstance(payload[0], Exception):
             raise payload[0]
         return payload[0]
@@ -113,10 +163,15 @@ class PipelineTrainer(MultiJobTrainer):
     def train(self, resume: bool = False, stop_after_microbatches: int | None = None, schedule: Schedule | None = None) -> TrainResult:
         schedule = self.begin(resume, schedule)
         slots = []
-        for position, microbatch in enumerate(schedule.microbatches):
-            refs = self.live_refs(microbatch)
-            if refs or microbatch.noop:
-                slots.append((position, refs))
+        microbatches = schedule.microbatches
+        for start in range(0, len(microbatches), self.num_replicas):
+            chunk = microbatches[start : start + self.num_replicas]
+            chunk_refs = [self.live_refs(microbatch) for microbatch in chunk]
+            if not any(chunk_refs) and not any(microbatch.noop for microbatch in chunk):
+                continue  # nothing left to train there (after a resume)
+            position = start + self.replica_index
+            slots.append((position, chunk_refs[self.replica_index] if self.replica_index < len(chunk) else []))
+            self._chunk_refs[position] = [ref for refs in chunk_refs for ref in refs]
         if stop_after_microbatches is not None:
             slots = slots[:stop_after_microbatches]
         self._compute_log: list[tuple[str, int, float]] = []
@@ -125,15 +180,16 @@ class PipelineTrainer(MultiJobTrainer):
             self._one_forward_one_backward(slots)
         finally:
             self._close_progress()
-        self._write_stage_stats(time.perf_counter() - loop_started)
-        dist.barrier(group=self.pipeline_group)
+        if self.replica_index == 0:
+            self._write_stage_stats(time.perf_counter() - loop_started)
+        dist.barrier()
         if stop_after_microbatches is not None:
             return self._result(len(slots), interrupted=True)
-        if self.is_last_stage:
+        if self.is_reporter:
             for job in self.jobs.values():
                 if job.status == "finished":
                     self.publish_adapter(job)
-        dist.barrier(group=self.pipeline_group)
+        dist.barrier()
         return self.finish(len(slots))
 
     def _timed(self, kind: str, tokens: int, work):
@@ -224,13 +280,15 @@ class PipelineTrainer(MultiJobTrainer):
 
     def _backward(self, item: _InFlight, output_grad: torch.Tensor | None) -> torch.Tensor | None:
         if not item.refs:
-            return None if item.stage_input is None else torch.zeros_like(item.stage_input)
-        if self.is_last_stage:
-            item.stage_output.backward()
-        elif item.stage_output.requires_grad:  # else no adapter of these jobs on this (first) stage
-            torch.autograd.backward(item.stage_output, grad_tensors=output_grad)
-        input_grad = item.stage_input.grad if item.stage_input is not None else None
-        for ref in item.refs:
+            input_grad = None if item.stage_input is None else torch.zeros_like(item.stage_input)
+        else:
+            if self.is_last_stage:
+                item.stage_output.backward()
+            elif item.stage_output.requires_grad:  # else no adapter of these jobs on this (first) stage
+                torch.autograd.backward(item.stage_output, grad_tensors=output_grad)
+            input_grad = item.stage_input.grad if item.stage_input is not None else None
+        # The whole chunk counts (all replicas' samples), so every replica steps at the same point.
+        for ref in self._chunk_refs.get(item.position, item.refs):
             job = self.jobs[ref.job]
             job.batch_tokens += ref.tokens
             job.tokens_seen += ref.tokens
@@ -246,17 +304,17 @@ class PipelineTrainer(MultiJobTrainer):
         )
 
 
-def check_world(config, world_size: int) -> None:
+def check_world(config, world_size: int, supports_data_parallel: bool = True) -> None:
     """The process count must be pipeline_stages x data_parallel; say so before any communication."""
     stages, replicas = config.parallel.pipeline_stages, config.parallel.data_parallel
-    if world_size % (stages * replicas) != 0 or world_size != stages * replicas:
+    if world_size != stages * replicas:
         raise ValueError(
             f"parallel.pipeline_stages={stages} x parallel.data_parallel={replicas} = {stages * replicas} "
             f"processes are needed, but {world_size} were started (torchrun --nproc_per_node {stages * replicas})"
         )
-    if replicas != 1:
+    if replicas != 1 and not supports_data_parallel:
         raise ValueError(
-            f"parallel.data_parallel={replicas}: data parallelism is not implemented by the pipeline "
-            "engines yet; use data_parallel: 1"
+            f"parallel.data_parallel={replicas}: the {config.parallel.engine} engine runs one pipeline "
+            "replica; use data_parallel: 1, or engine: megatron"
         )
 

@@ -193,10 +193,24 @@ class MultiJobTrainer:
 
     stage_index = 0
     num_stages = 1
+    # A single process has every stage's weights when a job finishes; a pipeline publishes after
+    # all stages have written their last checkpoint.
+    publishes_when_finished = True
 
     @property
     def is_last_stage(self) -> bool:
         return self.stage_index == self.num_stages - 1
+
+    @property
+    def is_reporter(self) -> bool:
+        """The one process that logs, shows progress and writes statuses: the last stage (of the
+        first data-parallel replica), where the losses are."""
+        return self.is_last_stage
+
+    @property
+    def planning_stages(self) -> int:
+        """Pipeline positions between a job's dependent microbatches (see the scheduler)."""
+        return self.config.parallel.pipeline_stages
 
     def setup_stage(self) -> None:
         """Pipeline engines cut the model here, after the adapters are on (so names and initial
@@ -259,7 +273,7 @@ class MultiJobTrainer:
             for name, job in self.jobs.items()
             if job.status == "running"
         ]
-        spec, stages = self.config.scheduler, self.config.parallel.pipeline_stages
+        spec, stages = self.config.scheduler, self.planning_stages
         if spec.policy == "lorafusion":
             schedule = plan_schedule(
                 scheduler_jobs,
@@ -452,9 +466,9 @@ class MultiJobTrainer:
             for job in self.jobs.values():
                 if job.status == "running":
                     self._restore(job)
-            if self.is_last_stage:
+            if self.is_reporter:
                 self._truncate_metrics()
-        self._bars = self._progress_bars() if self.is_last_stage else {}
+        self._bars = self._progress_bars() if self.is_reporter else {}
         return schedule
 
     def prepare_run(self, resume: bool, schedule: Schedule | None) -> Schedule:
@@ -481,7 +495,7 @@ class MultiJobTrainer:
 
     def finish(self, microbatches_run: int) -> TrainResult:
         result = self._result(microbatches_run)
-        if self.progress and self.is_last_stage:
+        if self.progress and self.is_reporter:
             print_summary(result)
         return result
 
@@ -548,12 +562,16 @@ class MultiJobTrainer:
         self._write_status(job)
 
     def _write_status(self, job: JobRun) -> None:
-        if not self.is_last_stage:
+        if not self.is_reporter:
             return
         _write_json_atomically(self.output_dir / job.name / STATUS_FILE, {"status": job.status, "failure": job.failure})
 
+    def reduce_gradients(self, job: JobRun) -> None:
+        """Data-parallel engines sum the job's gradients (and its loss) over replicas here."""
+
     def _step(self, job: JobRun, global_batch: int) -> None:
         assert global_batch == job.step, f"job {job.name}: batch {global_batch} completed before batch {job.step}"
+        self.reduce_gradients(job)
         params = list(job.named_parameters.values())
         if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
             self._fail(job, f"non-finite gradient at step {job.step + 1}")
@@ -566,7 +584,7 @@ class MultiJobTrainer:
             return
         job.step += 1
         job.last_loss = job.batch_loss
-        if self.is_last_stage:
+        if self.is_reporter:
             self._log_step(job)
         job.batch_loss, job.batch_tokens = 0.0, 0
         every = self.config.checkpoint_every
@@ -574,7 +592,7 @@ class MultiJobTrainer:
             job.status = "finished"
             self._write_status(job)
             self.save_checkpoint(job)
-            if self.num_stages == 1:
+            if self.publishes_when_finished:
                 self.publish_adapter(job)
         elif every and job.step % every == 0:
             self.save_checkpoint(job)

@@ -38,13 +38,13 @@ def torchrun(config: dict, directory: Path, nproc: int, *args: str) -> subproces
     return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=directory)
 
 
-def pipeline_config(tmp_path: Path, engine: str, output: str, stages: int = 2) -> dict:
+def pipeline_config(tmp_path: Path, engine: str, output: str, stages: int = 2, replicas: int = 1) -> dict:
     config = config_dict(tmp_path, jobs=("add", "rev", "txt"), output=output)
     # "rev" trains only some layers: stages holding none of them must still carry its tokens.
     config["jobs"][1]["target_modules"] = ["q_proj", "v_proj", "lm_head"]
     # Dropout masks are seeded per (microbatch, layer), so they agree across engines and stage counts.
     config["jobs"][0]["lora_dropout"] = 0.2
-    config["parallel"] = {"engine": engine, "pipeline_stages": stages}
+    config["parallel"] = {"engine": engine, "pipeline_stages": stages, "data_parallel": replicas}
     return config
 
 
@@ -72,12 +72,8 @@ def test_two_stage_training_matches_single_process_and_resumes(tmp_path, engine)
     piped_dir = tmp_path / "piped"
 
     # The single-process runtime on the very schedule the pipeline ran.
-    single_data = pipeline_config(tmp_path, engine, "single")
-    single_data["parallel"] = {"engine": "none"}
-    schedule = Schedule.from_json_dict(json.loads((piped_dir / "schedule.json").read_text()))
-    assert schedule.stages == 2
-    MultiJobTrainer(parse_config(single_data, tmp_path), progress=False).train(schedule=schedule)
-    single_dir = tmp_path / "single"
+    assert json.loads((piped_dir / "schedule.json").read_text())["stages"] == 2
+    single_dir = run_single_process_on(piped_dir, tmp_path, "single")
 
     piped_losses, single_losses = losses(piped_dir), losses(single_dir)
     assert piped_losses.keys() == single_losses.keys() and len(piped_losses) == 4 + 5 + 3
@@ -92,6 +88,35 @@ def test_two_stage_training_matches_single_process_and_resumes(tmp_path, engine)
     resumed = torchrun(pipeline_config(tmp_path, engine, "resumed"), tmp_path, 2, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_same_adapters(piped_dir, tmp_path / "resumed")
+
+
+def run_single_process_on(schedule_dir: Path, tmp_path: Path, output: str) -> Path:
+    """The single-process runtime on the schedule a distributed run executed."""
+    data = pipeline_config(tmp_path, "megatron", output)
+    data["parallel"] = {"engine": "none"}
+    schedule = Schedule.from_json_dict(json.loads((schedule_dir / "schedule.json").read_text()))
+    MultiJobTrainer(parse_config(data, tmp_path), progress=False).train(schedule=schedule)
+    return tmp_path / output
+
+
+@pytest.mark.parametrize("stages,replicas", [(1, 2), (2, 2)])
+def test_data_parallel_replicas_match_single_process(tmp_path, stages, replicas):
+    """Replicas take one microbatch of every D, sum each job's gradients when its global batch
+    completes, and end with the single-process adapters."""
+    run = torchrun(pipeline_config(tmp_path, "megatron", "dp", stages, replicas), tmp_path, stages * replicas)
+    assert run.returncode == 0, run.stderr[-4000:]
+    single_dir = run_single_process_on(tmp_path / "dp", tmp_path, "single")
+    dp_losses, single_losses = losses(tmp_path / "dp"), losses(single_dir)
+    assert dp_losses.keys() == single_losses.keys()
+    for key, value in single_losses.items():
+        assert dp_losses[key] == pytest.approx(value, rel=1e-5), key
+    assert_same_adapters(tmp_path / "dp", single_dir)
+
+
+def test_deepspeed_refuses_data_parallelism(tmp_path):
+    result = torchrun(pipeline_config(tmp_path, "deepspeed", "bad", stages=1, replicas=2), tmp_path, 2)
+    assert result.returncode != 0
+    assert result.stderr.count("the deepspeed engine runs one pipeline replica") == 2, result.stderr[-4000:]
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from harness import RESULTS_DIR, machine_info, print_table, time_ms, write_results
+from harness import RESULTS_DIR, machine_info, peak_memory_mb, print_table, time_ms, write_results
 from lorafusion.kernels import fused_lora_linear
 from lorafusion.kernels.cuda_backend import cuda_extension_builds
 from lorafusion.modules import FusedLoRALinear
@@ -111,19 +111,11 @@ def measure(case: Case, name: str, layer: torch.nn.Module) -> dict:
     trainable = [x, *(p for p in layer.parameters() if p.requires_grad)]
 
     fwd = time_ms(lambda: layer(x), case.device)
-    y = layer(x)
-    bwd = time_ms(lambda: y.backward(dy, retain_graph=True), case.device, grad_to_none=trainable)
+    retained = layer(x)
+    bwd = time_ms(lambda: retained.backward(dy, retain_graph=True), case.device, grad_to_none=trainable)
+    retained = None  # frees the retained graph before the peak-memory run
     fwd_bwd = time_ms(lambda: layer(x).backward(dy), case.device, grad_to_none=trainable)
-
-    peak_mb = float("nan")
-    if case.device.type == "cuda":
-        del y
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        layer(x).backward(dy)
-        torch.cuda.synchronize()
-        peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+    peak_mb = peak_memory_mb(lambda: layer(x).backward(dy), case.device)
     return {
         "tokens": case.tokens,
         "hidden": case.hidden,

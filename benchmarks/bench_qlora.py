@@ -27,7 +27,7 @@ import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
-from harness import RESULTS_DIR, machine_info, print_table, time_ms, write_results
+from harness import RESULTS_DIR, machine_info, peak_memory_mb, print_table, time_ms, write_results
 from lorafusion.modules import FusedLoRALinear
 from lorafusion.qlora import nf4_to_bnb, quantize_nf4
 
@@ -127,14 +127,7 @@ def measure_layer(tokens: int, hidden: int, rank: int, dtype: torch.dtype, devic
         dy = torch.randn(tokens, hidden, device=device, dtype=dtype)
         trainable = [x, *(p for p in layer.parameters() if p.requires_grad)]
         fwd_bwd = time_ms(lambda: layer(x).backward(dy), device, grad_to_none=trainable)
-        peak_mb = float("nan")
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            layer(x).backward(dy)
-            torch.cuda.synchronize()
-            peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+        peak_mb = peak_memory_mb(lambda: layer(x).backward(dy), device)
         rows.append(
             {
                 "tokens": tokens,

@@ -39,6 +39,18 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, r
     return statistics.median(samples)
 
 
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak CUDA memory fn() allocates beyond what was allocated before, in MiB (NaN off the GPU)."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def _version(package: str) -> str:
     try:
         return importlib.metadata.version(package)

@@ -16,9 +16,12 @@ def _keep_mask_kernel(out_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLO
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep, mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
-def triton_keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device: torch.device) -> torch.Tensor:
-    """The [rows, cols] bool keep-mask that the fused kernels use for this seed and p."""
+def triton_keep_mask(
+    seed: int, rows: int, cols: int, dropout_p: float, device: torch.device, block: tuple[int, int] = (32, 32)
+) -> torch.Tensor:
+    """The [rows, cols] bool keep-mask that the fused kernels use for this seed and p (`block`:
+    the tile shape that generates it, which must not matter)."""
     out = torch.empty((rows, cols), dtype=torch.bool, device=device)
-    grid = (triton.cdiv(rows, 32), triton.cdiv(cols, 32))
-    _keep_mask_kernel[grid](out, rows, cols, seed, dropout_p, BLOCK_M=32, BLOCK_K=32)
+    grid = (triton.cdiv(rows, block[0]), triton.cdiv(cols, block[1]))
+    _keep_mask_kernel[grid](out, rows, cols, seed, dropout_p, BLOCK_M=block[0], BLOCK_K=block[1])
     return out

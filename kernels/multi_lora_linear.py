@@ -189,6 +189,8 @@ def fused_multi_lora_linear(
     (see segments.py). dropout_seed: the Philox seed of the dropout masks (0 <= seed < 2**31);
     None draws one from torch's generator.
     """
+    if len(weight.shape) != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     out_features, in_features = weight.shape
     if x.shape[-1] != in_features:
         raise ValueError(f"x.shape[-1] must equal in_features={in_features}, got x of shape {tuple(x.shape)}")
@@ -207,8 +209,16 @@ def fused_multi_lora_linear(
     for name, tensor in (("weight", weight), ("lora_A", lora_A_cat), ("lora_B", lora_B_cat), ("bias", bias)):
         if tensor is not None and tensor.dtype != x.dtype:
             raise TypeError(f"{name}.dtype ({tensor.dtype}) must match x.dtype ({x.dtype})")
+    for name, tensor in (("weight", weight), ("lora_A", lora_A_cat), ("lora_B", lora_B_cat), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+    if meta.block_adapter.device != x.device:
+        raise ValueError(f"the segment metadata is on {meta.block_adapter.device} but x is on {x.device}")
+    if dropout_seed is not None and not 0 <= dropout_seed < 2**31 - 1:
+        raise ValueError(f"dropout_seed must be in [0, 2**31 - 1), got {dropout_seed}")
     resolved = resolve_backend(backend, x.device)
+    if resolved not in _OPS:
+        raise ValueError(f"backend={resolved!r} has no multi-adapter kernels; use 'triton', 'torch' or 'auto'")
     if tokens == 0:
-        base = weight.dequantize(backend=resolved) if isinstance(weight, NF4Weight) else weight
-        return torch.nn.functional.linear(x, base, bias)
+        return torch.nn.functional.linear(x, _base_weight(weight, resolved), bias)
     return MultiLoRALinearFunction.apply(x, weight, bias, lora_A_cat, lora_B_cat, meta, resolved, dropout_seed)

@@ -82,6 +82,8 @@ def build_segment_meta(
 
     An adapter of rank 0 adds nothing: its tokens get the base layer's output alone (a job whose
     adapter does not target this layer)."""
+    if block_m < 1:
+        raise ValueError(f"block_m must be >= 1, got {block_m}")
     num_adapters = len(ranks)
     if not (len(scalings) == len(dropout_ps) == num_adapters) or num_adapters == 0:
         raise ValueError(

@@ -144,10 +144,10 @@ def replace_directory(source: Path, target: Path) -> None:
     try:
         os.replace(source, target)
     except OSError:
-        os.replace(retired / target.name, target)
-        raise
-    finally:
+        os.replace(retired / target.name, target)  # the old adapter back; the retired copy stays if this fails
         shutil.rmtree(retired, ignore_errors=True)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def read_adapter_config(path: str | os.PathLike, backend: str = "auto") -> LoRAConfig:
@@ -218,6 +218,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, backend: str = "auto
     weights_file = directory / WEIGHTS_FILE
 
     config_file = directory / CONFIG_FILE
+    if get_multi_lora_configs(model):
+        raise ValueError(
+            f"{type(model).__name__} holds named adapters (apply_multi_lora); load_adapter loads into a model "
+            "without adapters or one converted by apply_lora"
+        )
     current_config = get_lora_config(model)
     if current_config is None and lora_modules(model):
         raise ValueError(f"{type(model).__name__} has FusedLoRALinear layers but no recorded LoRAConfig")

@@ -264,13 +264,7 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
 
     def _count_window_and_step(self) -> None:
         for _, refs in self._window:
-            for ref in refs:
-                job = self.jobs[ref.job]
-                job.batch_tokens += ref.tokens
-                job.tokens_seen += ref.tokens
-                job.remaining[ref.global_batch] -= 1
-                if job.remaining[ref.global_batch] == 0:
-                    self._step(job, ref.global_batch)
+            self.count_trained(refs)
 
     def _non_finite_gradients(self) -> str | None:
         for job in self.jobs.values():

@@ -288,13 +288,7 @@ class PipelineTrainer(MultiJobTrainer):
                 torch.autograd.backward(item.stage_output, grad_tensors=output_grad)
             input_grad = item.stage_input.grad if item.stage_input is not None else None
         # The whole chunk counts (all replicas' samples), so every replica steps at the same point.
-        for ref in self._chunk_refs.get(item.position, item.refs):
-            job = self.jobs[ref.job]
-            job.batch_tokens += ref.tokens
-            job.tokens_seen += ref.tokens
-            job.remaining[ref.global_batch] -= 1
-            if job.remaining[ref.global_batch] == 0:
-                self._step(job, ref.global_batch)
+        self.count_trained(self._chunk_refs.get(item.position, item.refs))
         return input_grad
 
     def _fail(self, job: JobRun, reason: str) -> None:

@@ -145,9 +145,10 @@ class MultiLoRALinear(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.adapters: dict[str, AdapterSettings] = {}
         self._context_batch: MultiLoRABatch | None = None
-        # Added to a batch's dropout seed, so layers draw different masks (apply_multi_lora sets it
-        # from the module's name, so it does not depend on how the model is split into stages).
-        self.dropout_seed_offset = int(torch.randint(0, 2**31 - 1, ()).item())
+        # Added to a batch's dropout seed so that layers draw different masks. apply_multi_lora sets
+        # it from the module's name (independent of how the model is split into stages); a layer
+        # built by hand should get a distinct value too.
+        self.dropout_seed_offset = 0
 
     @property
     def quantized(self) -> bool:

@@ -9,6 +9,7 @@ MultiLoRABatch, trained by that job's adapter.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,9 @@ def pack_samples(
     lengths = [len(sample.input_ids) for _, sample in entries]
     input_ids = torch.tensor([t for _, s in entries for t in s.input_ids], dtype=torch.long)
     labels = torch.tensor([t for _, s in entries for t in s.labels], dtype=torch.long)
+    # No prediction crosses from one sample into the next: a sample's first token is never a
+    # target (tokenizers without a BOS token would otherwise make it one).
+    labels[torch.tensor([0, *itertools.accumulate(lengths[:-1])])] = IGNORE_INDEX
     position_ids = torch.cat([torch.arange(n) for n in lengths])
     sample_of_token = torch.repeat_interleave(torch.arange(len(entries)), torch.tensor(lengths))
     jobs = [job for job, _ in entries]
@@ -78,8 +82,8 @@ def _job_segments(jobs: list[str], lengths: list[int]) -> tuple[list[str], list[
 
 def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each next-token prediction, in fp32: [tokens], entry t scoring the
-    prediction of token t (entry 0 and ignored labels are 0). A sample's first label is ignored,
-    so no prediction crosses from one packed sample into the next."""
+    prediction of token t (entry 0 and ignored labels are 0). pack_samples ignores each sample's
+    first label, so no prediction crosses from one packed sample into the next."""
     logits, labels = logits[0], labels[0]
     losses = F.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=IGNORE_INDEX, reduction="none")
     return torch.cat([losses.new_zeros(1), losses])

@@ -20,6 +20,7 @@ Files under output_dir:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -94,6 +95,20 @@ class TrainResult:
     interrupted: bool = False
 
 
+def _check_attention_window(model_config, jobs) -> None:
+    """The packed attention is causal over each whole sample; a model with sliding-window attention
+    would compute something else for samples longer than its window, so those are refused."""
+    window = getattr(model_config, "sliding_window", None)
+    if not window or not getattr(model_config, "use_sliding_window", True):
+        return
+    too_long = [f"{spec.name} (max_seq_len={spec.max_seq_len})" for spec in jobs if spec.max_seq_len > window]
+    if too_long:
+        raise ValueError(
+            f"the model uses sliding-window attention (sliding_window={window}), which the packed attention "
+            f"does not apply: set max_seq_len <= {window} for {', '.join(too_long)}"
+        )
+
+
 def training_order(num_samples: int, spec: JobSpec) -> list[int]:
     """Dataset indices in the order the job trains on them: one seeded permutation per epoch,
     as many epochs as max_steps or epochs need."""
@@ -130,15 +145,22 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _write_json_atomically(path: Path, data) -> None:
+def _write_atomically(path: Path, content: str | bytes | dict) -> None:
+    """Write `content` (text, bytes, or a dict as JSON) to a temporary file that then replaces
+    `path`, so readers and a resumed run never see a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        json.dump(data, out, indent=1)
-        out.write("\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            if isinstance(content, dict):
+                content = json.dumps(content, indent=1) + "\n"
+            out.write(content.encode("utf-8") if isinstance(content, str) else content)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 class MultiJobTrainer:
@@ -164,6 +186,7 @@ class MultiJobTrainer:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.model.config.vocab_size}: set model.config.vocab_size >= {self.tokenizer.vocab_size}"
             )
+        _check_attention_window(self.model.config, config.jobs)
         base_path = config.model.path or str(self.output_dir / "base_model")
         lora_configs = {
             spec.name: LoRAConfig(
@@ -255,7 +278,10 @@ class MultiJobTrainer:
                 "spec": {k: str(v) for k, v in vars(job.spec).items()},
             }
             for name, job in self.jobs.items()
-        } | {"scheduler": {k: str(v) for k, v in vars(self.config.scheduler).items() if k != "time_limit_s"}}
+        } | {
+            "scheduler": {k: str(v) for k, v in vars(self.config.scheduler).items() if k != "time_limit_s"},
+            "planning_stages": self.planning_stages,
+        }
 
     def plan(self, resume: bool) -> Schedule:
         path = self.output_dir / SCHEDULE_FILE
@@ -287,7 +313,7 @@ class MultiJobTrainer:
             baseline_order = megatron_order if spec.policy == "megatron" else mlora_order
             microbatches = baseline_order(scheduler_jobs, stages, spec.capacity)
             schedule = Schedule(stages=stages, capacity=spec.capacity, pad_multiple=1, microbatches=microbatches)
-        _write_json_atomically(path, schedule.to_json_dict() | {"fingerprint": fingerprint})
+        _write_atomically(path, schedule.to_json_dict() | {"fingerprint": fingerprint})
         return schedule
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -322,12 +348,9 @@ class MultiJobTrainer:
             "optimizer": optimizer_state,
             "lr_scheduler": job.lr_scheduler.state_dict(),
         }
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        with os.fdopen(handle, "wb") as out:
-            torch.save(state, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, target)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        _write_atomically(target, buffer.getvalue())
         own_steps = sorted(self._steps_with_file(job, own_only=True))
         for old in own_steps[:-2]:
             self._stage_file(job, old).unlink(missing_ok=True)
@@ -365,11 +388,14 @@ class MultiJobTrainer:
         return merged
 
     def _restore(self, job: JobRun) -> None:
+        """A failed job stays failed; every other job continues from its newest complete checkpoint
+        (finished only if that is its last step: a kill can come between a job's last step and its
+        checkpoint)."""
         status_file = self.output_dir / job.name / STATUS_FILE
         if status_file.is_file():
             status = json.loads(status_file.read_text(encoding="utf-8"))
-            job.status, job.failure = status["status"], status.get("failure")
-            if job.status == "failed":
+            if status["status"] == "failed":
+                job.status, job.failure = "failed", status.get("failure")
                 return
         files = self.latest_complete_checkpoint(job)
         if not files:
@@ -407,11 +433,11 @@ class MultiJobTrainer:
         staging = Path(tempfile.mkdtemp(prefix=f".{job.name}.tmp-", dir=self.output_dir))
         try:
             write_adapter_directory(state["parameters"], config.to_peft_dict(), staging / "adapter")
-            # The status file lives beside the adapter: keep it across the replace.
-            shutil.copy2(self.output_dir / job.name / STATUS_FILE, staging / "adapter" / STATUS_FILE)
             replace_directory(staging / "adapter", target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        # Only now is the job done as far as a resumed run is concerned.
+        self._write_status(job)
         return target
 
     def _clear_previous_run(self) -> None:
@@ -428,8 +454,11 @@ class MultiJobTrainer:
         if not path.is_file():
             return
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        kept = [r for r in records if r["job"] in self.jobs and r["step"] <= self.jobs[r["job"]].step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        kept = [
+            r for r in records
+            if r["job"] in self.jobs and (self.jobs[r["job"]].status == "failed" or r["step"] <= self.jobs[r["job"]].step)
+        ]
+        _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -466,6 +495,9 @@ class MultiJobTrainer:
             for job in self.jobs.values():
                 if job.status == "running":
                     self._restore(job)
+                if job.status == "finished" and self.publishes_when_finished and self.is_reporter:
+                    if not (self.output_dir / job.name / "adapter_model.safetensors").is_file():
+                        self.publish_adapter(job)
             if self.is_reporter:
                 self._truncate_metrics()
         self._bars = self._progress_bars() if self.is_reporter else {}
@@ -476,7 +508,7 @@ class MultiJobTrainer:
         previous run left in output_dir."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.config.model.path is None:
-            self._save_inline_base_model()
+            self._save_inline_base_model(overwrite=not resume)
         schedule = schedule or self.plan(resume)
         if not resume:
             self._clear_previous_run()
@@ -524,6 +556,11 @@ class MultiJobTrainer:
         sum(losses.values()).backward()
         for name, loss in losses.items():
             self.jobs[name].batch_loss += loss.item()
+        self.count_trained(refs)
+
+    def count_trained(self, refs: list) -> None:
+        """Book the samples as trained (their gradients are in); step each job whose global batch
+        this completes."""
         for ref in refs:
             job = self.jobs[ref.job]
             job.batch_tokens += ref.tokens
@@ -564,13 +601,14 @@ class MultiJobTrainer:
     def _write_status(self, job: JobRun) -> None:
         if not self.is_reporter:
             return
-        _write_json_atomically(self.output_dir / job.name / STATUS_FILE, {"status": job.status, "failure": job.failure})
+        _write_atomically(self.output_dir / job.name / STATUS_FILE, {"status": job.status, "failure": job.failure})
 
     def reduce_gradients(self, job: JobRun) -> None:
         """Data-parallel engines sum the job's gradients (and its loss) over replicas here."""
 
     def _step(self, job: JobRun, global_batch: int) -> None:
-        assert global_batch == job.step, f"job {job.name}: batch {global_batch} completed before batch {job.step}"
+        if global_batch != job.step:
+            raise RuntimeError(f"job {job.name!r}: global batch {global_batch} completed before batch {job.step} (schedule out of order)")
         self.reduce_gradients(job)
         params = list(job.named_parameters.values())
         if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
@@ -590,7 +628,6 @@ class MultiJobTrainer:
         every = self.config.checkpoint_every
         if job.step == job.num_steps:
             job.status = "finished"
-            self._write_status(job)
             self.save_checkpoint(job)
             if self.publishes_when_finished:
                 self.publish_adapter(job)
@@ -617,11 +654,11 @@ class MultiJobTrainer:
 
     # ---- reporting ------------------------------------------------------------------------------
 
-    def _save_inline_base_model(self) -> None:
-        """An inline model exists only as a seed: save it once, so PEFT and `lorafusion generate`
-        can load the trained adapters onto the same weights."""
+    def _save_inline_base_model(self, overwrite: bool) -> None:
+        """An inline model exists only as a seed: save it, so PEFT and `lorafusion generate` can
+        load the trained adapters onto the same weights (a resumed run keeps the saved one)."""
         target = self.output_dir / "base_model"
-        if (target / "config.json").is_file():
+        if (target / "config.json").is_file() and not overwrite:
             return
         fresh = build_base_model(self.config.model, "cpu")
         fresh.save_pretrained(target)

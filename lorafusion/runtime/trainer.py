@@ -95,6 +95,15 @@ class TrainResult:
     interrupted: bool = False
 
 
+def _tensorboard_writer(log_dir: Path):
+    """A TensorBoard SummaryWriter when the tensorboard package is installed (optional), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
 def _check_attention_window(model_config, jobs) -> None:
     """The packed attention is causal over each whole sample; a model with sliding-window attention
     would compute something else for samples longer than its window, so those are refused."""
@@ -501,6 +510,7 @@ class MultiJobTrainer:
             if self.is_reporter:
                 self._truncate_metrics()
         self._bars = self._progress_bars() if self.is_reporter else {}
+        self._tensorboard = _tensorboard_writer(self.output_dir / "tensorboard") if self.is_reporter else None
         return schedule
 
     def prepare_run(self, resume: bool, schedule: Schedule | None) -> Schedule:
@@ -534,6 +544,8 @@ class MultiJobTrainer:
     def _close_progress(self) -> None:
         for bar in self._bars.values():
             bar.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
     def pack(self, position: int, refs: list) -> PackedMicrobatch:
         """The samples of microbatch `position`, packed. Its dropout seed depends only on the run
@@ -648,6 +660,9 @@ class MultiJobTrainer:
         }
         with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as out:
             out.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key in ("loss", "lr", "tokens_per_s"):
+                self._tensorboard.add_scalar(f"{job.name}/{key}", record[key], job.step)
         if job.name in self._bars:
             self._bars[job.name].update(1)
             self._bars[job.name].set_postfix(loss=f"{job.last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -176,3 +176,21 @@ def test_resume_after_a_kill_between_a_jobs_last_checkpoint_and_its_adapter(tmp_
         assert saved.keys() == expected.keys()
         for key in saved:
             torch.testing.assert_close(saved[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_steps_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
+    scalars = []
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, step))
+
+        def close(self):
+            scalars.append(("closed", None))
+
+    monkeypatch.setattr("lorafusion.runtime.trainer._tensorboard_writer", lambda log_dir: FakeWriter(log_dir))
+    MultiJobTrainer(make_config(tmp_path, jobs=("add",)), progress=False).train()
+    assert ("add/loss", 1) in scalars and ("add/lr", 4) in scalars and scalars[-1] == ("closed", None)

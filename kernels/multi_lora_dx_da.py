@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .segments import SegmentMeta
+from .segments import SegmentMeta, segment_block
 from .utils import autotune_configs, dot_precision, keep_mask, rank_block, tile_dot, triton, tl, upcast_dots
 
 
@@ -37,14 +37,11 @@ def _multi_lora_dx_da_kernel(
     BLOCK_K: tl.constexpr,
 ):
     block = tl.program_id(0)
-    adapter = tl.load(block_adapter_ptr + block)
-    rows = tl.load(block_start_ptr + block) + tl.arange(0, BLOCK_M)
-    row_ok = rows < tl.load(block_end_ptr + block)
+    adapter, rows, row_ok, ranks, rank_ok, adapter_rows = segment_block(
+        block, block_adapter_ptr, block_start_ptr, block_end_ptr, rank_ptr, rank_offset_ptr, BLOCK_M, BLOCK_R
+    )
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     col_ok = cols < K
-    ranks = tl.arange(0, BLOCK_R)
-    rank_ok = ranks < tl.load(rank_ptr + adapter)
-    adapter_rows = tl.load(rank_offset_ptr + adapter) + ranks
     tile_ok = row_ok[:, None] & col_ok[None, :]
 
     ds = tl.load(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .segments import SegmentMeta
+from .segments import SegmentMeta, segment_block
 from .utils import autotune_configs, dot_precision, rank_block, tile_dot, triton, tl, upcast_dots
 
 
@@ -34,12 +34,9 @@ def _multi_lora_dy_kernel(
     BLOCK_N: tl.constexpr,
 ):
     block = tl.program_id(0)
-    adapter = tl.load(block_adapter_ptr + block)
-    rows = tl.load(block_start_ptr + block) + tl.arange(0, BLOCK_M)
-    row_ok = rows < tl.load(block_end_ptr + block)
-    ranks = tl.arange(0, BLOCK_R)
-    rank_ok = ranks < tl.load(rank_ptr + adapter)
-    adapter_cols = tl.load(rank_offset_ptr + adapter) + ranks
+    adapter, rows, row_ok, ranks, rank_ok, adapter_cols = segment_block(
+        block, block_adapter_ptr, block_start_ptr, block_end_ptr, rank_ptr, rank_offset_ptr, BLOCK_M, BLOCK_R
+    )
     scaling = tl.load(scaling_ptr + adapter)
     s = tl.load(
         s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,

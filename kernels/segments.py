@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .utils import MAX_RANK
+from .utils import MAX_RANK, triton, tl
 
 SEGMENT_BLOCK_M = 64
 
@@ -135,3 +135,20 @@ def build_segment_meta(
         adapter_dropout_p=torch.tensor(dropout_ps, dtype=torch.float32, device=device),
         block_m=block_m,
     )
+
+
+if triton is not None:
+
+    @triton.jit
+    def segment_block(
+        block, block_adapter_ptr, block_start_ptr, block_end_ptr, rank_ptr, rank_offset_ptr,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """Row block `block` of the metadata: (adapter, rows, row_ok, ranks, rank_ok, the adapter's
+        indices in the concatenated rank dimension)."""
+        adapter = tl.load(block_adapter_ptr + block)
+        rows = tl.load(block_start_ptr + block) + tl.arange(0, BLOCK_M)
+        row_ok = rows < tl.load(block_end_ptr + block)
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < tl.load(rank_ptr + adapter)
+        return adapter, rows, row_ok, ranks, rank_ok, tl.load(rank_offset_ptr + adapter) + ranks

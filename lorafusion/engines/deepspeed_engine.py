@@ -50,7 +50,7 @@ from torch import nn
 from lorafusion.modules import multi_lora_batch
 from lorafusion.runtime.packing import per_token_loss
 
-from .pipeline import PipelineTrainer, check_world
+from .pipeline import PipelineTrainer, check_world, local_device_and_backend
 
 # train_batch() prints its loss every `steps_per_print` windows; the runtime logs per job instead.
 _NEVER = 2**62
@@ -287,12 +287,7 @@ def train_with_deepspeed(config, resume: bool = False, stop_after_microbatches: 
     from deepspeed.utils import logger as deepspeed_logger
 
     deepspeed_logger.setLevel(logging.WARNING)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = torch.device("cuda", torch.cuda.current_device())
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device, backend = local_device_and_backend()
     owns_group = not dist.is_initialized()
     deepspeed.init_distributed(dist_backend=backend)
     try:

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 
-import torch
 import torch.distributed as dist
 
 from .megatron_cpu import apply_cpu_compat
-from .pipeline import PipelineTrainer, check_world
+from .pipeline import PipelineTrainer, check_world, local_device_and_backend
 
 
 class MegatronLink:
@@ -58,12 +57,7 @@ def train_with_megatron(config, resume: bool = False, stop_after_microbatches: i
     from megatron.core import parallel_state
 
     apply_cpu_compat()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = torch.device("cuda", torch.cuda.current_device())
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    device, backend = local_device_and_backend()
     owns_group = not dist.is_initialized()
     if owns_group:
         dist.init_process_group(backend)

@@ -19,6 +19,7 @@ P2PCommunicator; see megatron_engine.py.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -296,6 +297,15 @@ class PipelineTrainer(MultiJobTrainer):
             f"job {job.name!r}: {reason}; the pipeline engines stop the run on non-finite values "
             "(the single-process runtime isolates the job)"
         )
+
+
+def local_device_and_backend() -> tuple[torch.device, str]:
+    """This process's device and collective backend under torchrun: its GPU (LOCAL_RANK) with
+    NCCL, or the CPU with gloo."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", torch.cuda.current_device()), "nccl"
+    return torch.device("cpu"), "gloo"
 
 
 def check_world(config, world_size: int, supports_data_parallel: bool = True) -> None:

@@ -12,6 +12,14 @@ that batch's first forward, on every stage, to come after the previous batch's s
 No-op microbatches (inserted by the scheduler where no job may go) keep their pipeline slot with
 an empty activation, so the positions the scheduler reasoned about are the ones executed.
 
+A job whose loss, gradients or parameters become non-finite stops, and the others go on, as in
+the single-process runtime. A stage learns of a failure where it happens (the last stage from the
+job's loss, any stage from its gradients or parameters at a step) and tells its neighbours: every
+activation and gradient sent between stages carries a flag per job in extra rows. Data-parallel
+replicas combine their flags in the reduction at each job step, and all ranks once more at the
+end, so a failed job is never stepped again once a stage knows, is reported, and is not published.
+Its samples still flow through the stages (the schedule is fixed); they no longer count.
+
 The communication is abstract (`StageLink`): the megatron-core engine provides it with megatron's
 P2PCommunicator; see megatron_engine.py.
 """
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -102,15 +111,18 @@ class PipelineTrainer(MultiJobTrainer):
             return
         params = list(job.named_parameters.values())
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        # The loss travels in the same all-reduce: each replica's last stage holds its share.
-        loss = torch.tensor([job.batch_loss], dtype=torch.float64, device=self.device)
-        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [loss])
+        # The loss and a failure flag travel in the same all-reduce: each replica's last stage holds
+        # its share of the loss, and any replica may have found non-finite values.
+        extra = torch.tensor([job.batch_loss, float(job.status == "failed")], dtype=torch.float64, device=self.device)
+        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads] + [extra])
         dist.all_reduce(flat, group=self.data_parallel_group)
         offset = 0
         for param, grad in zip(params, grads):
             param.grad = flat[offset : offset + grad.numel()].view_as(grad).to(grad.dtype)
             offset += grad.numel()
-        job.batch_loss = float(flat[-1])
+        job.batch_loss = float(flat[-2])
+        if flat[-1] > 0:
+            self._fail(job, "non-finite values on another data-parallel replica")
 
     def save_checkpoint(self, job: JobRun) -> None:
         if self.replica_index == 0:  # the replicas hold the same adapters
@@ -183,7 +195,7 @@ class PipelineTrainer(MultiJobTrainer):
             self._close_progress()
         if self.replica_index == 0:
             self._write_stage_stats(time.perf_counter() - loop_started)
-        dist.barrier()
+        self._share_failures()
         if stop_after_microbatches is not None:
             return self._result(len(slots), interrupted=True)
         if self.is_reporter:
@@ -229,25 +241,63 @@ class PipelineTrainer(MultiJobTrainer):
         in_flight: deque[_InFlight] = deque()
         link = self.link
         forward, backward = self._timed_forward, self._timed_backward
+        flagged, unflagged = self._with_flags, self._without_flags
         for i in range(warmup):
-            stage_input = link.recv_forward(self._shape(slots[i]))
-            link.send_forward(forward(slots[i], stage_input, in_flight))
+            stage_input = unflagged(link.recv_forward(self._wire_shape(slots[i])))
+            link.send_forward(flagged(forward(slots[i], stage_input, in_flight)))
         steady = total - warmup
-        stage_input = link.recv_forward(self._shape(slots[warmup])) if steady > 0 else None
+        stage_input = unflagged(link.recv_forward(self._wire_shape(slots[warmup]))) if steady > 0 else None
         for k in range(steady):
             output = forward(slots[warmup + k], stage_input, in_flight)
-            output_grad = link.send_forward_recv_backward(output, self._shape(slots[k]))
+            output_grad = unflagged(link.send_forward_recv_backward(flagged(output), self._wire_shape(slots[k])))
             input_grad = backward(in_flight.popleft(), output_grad)
             if k == steady - 1:
-                link.send_backward(input_grad)
+                link.send_backward(flagged(input_grad))
             else:
-                stage_input = link.send_backward_recv_forward(input_grad, self._shape(slots[warmup + k + 1]))
+                stage_input = unflagged(
+                    link.send_backward_recv_forward(flagged(input_grad), self._wire_shape(slots[warmup + k + 1]))
+                )
         for k in range(steady, total):
-            output_grad = link.recv_backward(self._shape(slots[k]))
-            link.send_backward(backward(in_flight.popleft(), output_grad))
+            output_grad = unflagged(link.recv_backward(self._wire_shape(slots[k])))
+            link.send_backward(flagged(backward(in_flight.popleft(), output_grad)))
+
+    # ---- failure flags between stages ------------------------------------------------------------
+
+    @property
+    def _flag_rows(self) -> int:
+        return -(-len(self.jobs) // self.hidden_size)
+
+    def _wire_shape(self, slot) -> tuple[int, int, int]:
+        """What travels between stages for `slot`: its activations (or gradients) plus the flag rows."""
+        return (1, self._shape(slot)[1] + self._flag_rows, self.hidden_size)
+
+    def _with_flags(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None:
+            return None
+        flags = torch.zeros(self._flag_rows * self.hidden_size, dtype=tensor.dtype, device=tensor.device)
+        flags[: len(self.jobs)] = torch.tensor([float(job.status == "failed") for job in self.jobs.values()])
+        return torch.cat([tensor, flags.view(1, self._flag_rows, self.hidden_size)], dim=1)
+
+    def _without_flags(self, received: torch.Tensor | None) -> torch.Tensor | None:
+        if received is None:
+            return None
+        tokens = received.shape[1] - self._flag_rows
+        for flag, job in zip(received[0, tokens:].reshape(-1).tolist(), self.jobs.values()):
+            if flag > 0:
+                self._fail(job, "non-finite values on another pipeline stage")
+        return received[:, :tokens].detach()
+
+    def _share_failures(self) -> None:
+        """After the loop (no message in flight): every rank learns every failure."""
+        flags = torch.tensor([float(job.status == "failed") for job in self.jobs.values()], device=self.device)
+        dist.all_reduce(flags)
+        for flag, job in zip(flags.tolist(), self.jobs.values()):
+            if flag > 0:
+                self._fail(job, "non-finite values on another rank")
 
     def _timed_forward(self, slot, stage_input, in_flight):
-        return self._timed("forward", self._shape(slot)[1], lambda: self._forward(slot, stage_input, in_flight))
+        tokens = self._shape(slot)[1]
+        return self._timed("forward", tokens, lambda: self._forward(slot, stage_input, in_flight))
 
     def _timed_backward(self, item: _InFlight, output_grad):
         tokens = sum(ref.tokens for ref in item.refs)
@@ -268,14 +318,16 @@ class PipelineTrainer(MultiJobTrainer):
             output = self.stage(stage_input, packed.position_ids, packed.sample_lengths)
         if self.is_last_stage:
             losses = self._job_losses(packed, per_token_loss(output, packed.labels), refs)
+            kept = []
             for name, loss in losses.items():
-                if not torch.isfinite(loss):
-                    raise RuntimeError(
-                        f"job {name!r}: non-finite loss ({loss.item()}) at microbatch {position}; the pipeline "
-                        "engines stop the run on non-finite values (the single-process runtime isolates the job)"
-                    )
-                self.jobs[name].batch_loss += loss.item()
-            output = sum(losses.values())
+                job = self.jobs[name]
+                if job.status != "failed" and not torch.isfinite(loss):
+                    self._fail(job, f"non-finite loss ({loss.item()}) at microbatch {position}")
+                if job.status == "failed":
+                    continue  # its tokens still flow; their loss no longer counts
+                job.batch_loss += loss.item()
+                kept.append(loss)
+            output = sum(kept) if kept else None
         in_flight.append(_InFlight(position, refs, stage_input if stage_input.is_floating_point() else None, output))
         return None if self.is_last_stage else output
 
@@ -284,19 +336,22 @@ class PipelineTrainer(MultiJobTrainer):
             input_grad = None if item.stage_input is None else torch.zeros_like(item.stage_input)
         else:
             if self.is_last_stage:
-                item.stage_output.backward()
+                if item.stage_output is not None:  # None: every job of the microbatch has failed
+                    item.stage_output.backward()
             elif item.stage_output.requires_grad:  # else no adapter of these jobs on this (first) stage
                 torch.autograd.backward(item.stage_output, grad_tensors=output_grad)
-            input_grad = item.stage_input.grad if item.stage_input is not None else None
+            input_grad = None
+            if item.stage_input is not None:
+                input_grad = item.stage_input.grad if item.stage_input.grad is not None else torch.zeros_like(item.stage_input)
         # The whole chunk counts (all replicas' samples), so every replica steps at the same point.
         self.count_trained(self._chunk_refs.get(item.position, item.refs))
         return input_grad
 
     def _fail(self, job: JobRun, reason: str) -> None:
-        raise RuntimeError(
-            f"job {job.name!r}: {reason}; the pipeline engines stop the run on non-finite values "
-            "(the single-process runtime isolates the job)"
-        )
+        if job.status == "failed":
+            return
+        print(f"lorafusion train: job {job.name!r} stopped on stage {self.stage_index}: {reason}", file=sys.stderr)
+        super()._fail(job, reason)
 
 
 def local_device_and_backend() -> tuple[torch.device, str]:

@@ -619,9 +619,12 @@ class MultiJobTrainer:
         """Data-parallel engines sum the job's gradients (and its loss) over replicas here."""
 
     def _step(self, job: JobRun, global_batch: int) -> None:
+        self.reduce_gradients(job)  # first: data-parallel replicas all take part, and may report a failure
+        if job.status == "failed":  # a pipeline still carries a failed job's samples; it never steps again
+            job.optimizer.zero_grad(set_to_none=True)
+            return
         if global_batch != job.step:
             raise RuntimeError(f"job {job.name!r}: global batch {global_batch} completed before batch {job.step} (schedule out of order)")
-        self.reduce_gradients(job)
         params = list(job.named_parameters.values())
         if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
             self._fail(job, f"non-finite gradient at step {job.step + 1}")

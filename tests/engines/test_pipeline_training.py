@@ -132,3 +132,22 @@ def test_wrong_process_count_fails_clearly(tmp_path, engine):
     result = torchrun(pipeline_config(tmp_path, engine, "bad"), tmp_path, 3)
     assert result.returncode != 0
     assert result.stderr.count("= 2 processes are needed, but 3 were started") == 3, result.stderr[-4000:]
+
+
+@pytest.mark.parametrize("stages,replicas", [(2, 1), (1, 2)])
+def test_megatron_stops_a_diverging_job_and_the_others_are_unaffected(tmp_path, stages, replicas):
+    config = pipeline_config(tmp_path, "megatron", "diverged", stages, replicas)
+    config["jobs"][0].update(lr=1e30, lora_dropout=0.0)  # "add" blows up after its first step
+    run = torchrun(config, tmp_path, stages * replicas)
+    assert run.returncode == 1, run.stderr[-4000:]  # a failed job makes the run's exit status 1
+    assert "job 'add' failed: non-finite" in run.stderr
+    out = tmp_path / "diverged"
+    assert json.loads((out / "add" / "status.json").read_text())["status"] == "failed"
+    assert not (out / "add" / "adapter_model.safetensors").exists()
+    # The other jobs end as if "add" had never been there, on the same microbatches.
+    data = pipeline_config(tmp_path, "megatron", "clean")
+    data["jobs"] = data["jobs"][1:]
+    data["parallel"] = {"engine": "none"}
+    schedule = Schedule.from_json_dict(json.loads((out / "schedule.json").read_text()))
+    MultiJobTrainer(parse_config(data, tmp_path), progress=False).train(schedule=schedule)
+    assert_same_adapters(out, tmp_path / "clean", jobs=("rev", "txt"))

@@ -246,9 +246,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, backend: str = "auto
             f"{unexpected[:_MAX_KEYS_IN_ERRORS]} (expected keys like {next(iter(expected))!r})"
         )
     for key, (name, matrix) in expected.items():
-        base = model.get_submodule(name).weight
+        # in/out_features, not weight.shape: a bitsandbytes Linear4bit's weight is packed.
+        base = model.get_submodule(name)
         rank = loaded_config.r
-        shape = (rank, base.shape[1]) if matrix == "lora_A" else (base.shape[0], rank)
+        shape = (rank, base.in_features) if matrix == "lora_A" else (base.out_features, rank)
         if tuple(tensors[key].shape) != shape or not tensors[key].is_floating_point():
             raise ValueError(
                 f"{weights_file}: {key} has shape {tuple(tensors[key].shape)} and dtype {tensors[key].dtype}, "

@@ -195,3 +195,20 @@ def test_parity_with_peft_lora_on_bitsandbytes_linear4bit():
         peft_layer = getattr(peft_model.base_model.model, name)
         torch.testing.assert_close(getattr(ours, name).lora_A.grad, peft_layer.lora_A["default"].weight.grad)
         torch.testing.assert_close(getattr(ours, name).lora_B.grad, peft_layer.lora_B["default"].weight.grad)
+
+
+def test_load_adapter_onto_a_model_of_bitsandbytes_linear4bit_layers(tmp_path):
+    """The expected LoRA shapes come from in/out_features: a Linear4bit's weight is stored packed."""
+    from lorafusion.adapters import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    trained = apply_lora(TinyMLP(), LoRAConfig(r=4, lora_alpha=8, target_modules=["up", "down"], backend="torch"))
+    for name in ("up", "down"):
+        randomize_lora(getattr(trained, name), seed=len(name))
+    save_adapter(trained, tmp_path / "adapter")
+    quantized = TinyMLP()
+    quantized.up, quantized.down = to_linear4bit(quantized.up), to_linear4bit(quantized.down)
+    load_adapter(quantized, tmp_path / "adapter", backend="torch")
+    for name in ("up", "down"):
+        assert getattr(quantized, name).quantized
+        torch.testing.assert_close(getattr(quantized, name).lora_B, getattr(trained, name).lora_B)

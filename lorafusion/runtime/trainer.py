@@ -280,29 +280,36 @@ class MultiJobTrainer:
     # ---- planning -------------------------------------------------------------------------------
 
     def _fingerprint(self) -> dict:
-        """What the schedule and checkpoints depend on; a resumed run must match it."""
+        """What a run's checkpoints depend on ("jobs": each job's data and settings; a resumed run
+        must match it) and what only its schedule depends on (the scheduler settings and the
+        pipeline layout; a resumed run with other ones plans again)."""
         return {
-            name: {
-                "data": _file_digest(Path(job.spec.data)),
-                "spec": {k: str(v) for k, v in vars(job.spec).items()},
-            }
-            for name, job in self.jobs.items()
-        } | {
+            "jobs": {
+                name: {"data": _file_digest(Path(job.spec.data)), "spec": {k: str(v) for k, v in vars(job.spec).items()}}
+                for name, job in self.jobs.items()
+            },
             "scheduler": {k: str(v) for k, v in vars(self.config.scheduler).items() if k != "time_limit_s"},
             "planning_stages": self.planning_stages,
         }
 
     def plan(self, resume: bool) -> Schedule:
+        """The run's schedule: planned and saved, or on --resume the saved one when the scheduler
+        settings and pipeline layout are unchanged. With another layout it is planned again: a
+        job's step depends only on its global batch, not on how the batch is cut into
+        microbatches, and checkpoints restore onto any stage count."""
         path = self.output_dir / SCHEDULE_FILE
         fingerprint = self._fingerprint()
         if resume and path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if saved.get("fingerprint") != fingerprint:
+            saved_jobs = saved.get("fingerprint", {}).get("jobs", {})
+            changed = sorted(name for name in set(saved_jobs) | set(fingerprint["jobs"]) if saved_jobs.get(name) != fingerprint["jobs"].get(name))
+            if changed:
                 raise ValueError(
-                    f"{path} was planned for other jobs or data than this config describes; "
-                    "resume with the original config, or start a new output_dir"
+                    f"{path} was planned for other jobs or data than this config describes (jobs {changed} differ); "
+                    "resume with the original jobs and data, or start a new output_dir"
                 )
-            return Schedule.from_json_dict(saved)
+            if saved["fingerprint"] == fingerprint:
+                return Schedule.from_json_dict(saved)
         scheduler_jobs = [
             Job(name, job.spec.global_batch_size, [len(job.samples[i].input_ids) for i in job.order])
             for name, job in self.jobs.items()

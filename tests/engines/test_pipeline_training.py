@@ -151,3 +151,20 @@ def test_megatron_stops_a_diverging_job_and_the_others_are_unaffected(tmp_path, 
     schedule = Schedule.from_json_dict(json.loads((out / "schedule.json").read_text()))
     MultiJobTrainer(parse_config(data, tmp_path), progress=False).train(schedule=schedule)
     assert_same_adapters(out, tmp_path / "clean", jobs=("rev", "txt"))
+
+
+def test_a_pipelined_run_resumes_on_another_stage_count(tmp_path):
+    """Stage checkpoints restore onto any layout; the schedule is planned again for the new one."""
+    def config(output: str, engine: str) -> dict:
+        data = pipeline_config(tmp_path, "megatron", output)
+        data["jobs"][0]["lora_dropout"] = 0.0  # masks follow schedule positions, which a new layout changes
+        if engine == "none":
+            data["parallel"] = {"engine": "none"}
+        return data
+
+    killed = torchrun(config("moved", "megatron"), tmp_path, 2, "--stop-after", "6")
+    assert killed.returncode == 0, killed.stderr[-4000:]
+    assert any((tmp_path / "moved" / "checkpoints").rglob("stage-1-of-2.pt"))
+    MultiJobTrainer(parse_config(config("moved", "none"), tmp_path), progress=False).train(resume=True)
+    MultiJobTrainer(parse_config(config("reference", "none"), tmp_path), progress=False).train()
+    assert_same_adapters(tmp_path / "moved", tmp_path / "reference")

@@ -194,3 +194,12 @@ def test_steps_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
     monkeypatch.setattr("lorafusion.runtime.trainer._tensorboard_writer", lambda log_dir: FakeWriter(log_dir))
     MultiJobTrainer(make_config(tmp_path, jobs=("add",)), progress=False).train()
     assert ("add/loss", 1) in scalars and ("add/lr", 4) in scalars and scalars[-1] == ("closed", None)
+
+
+def test_resume_refuses_changed_job_data(tmp_path):
+    config = make_config(tmp_path, jobs=("add", "rev"))
+    MultiJobTrainer(config, progress=False).train(stop_after_microbatches=2)
+    with open(config.jobs[1].data, "a") as out:
+        out.write('{"prompt": "zz>", "completion": "zz"}\n')
+    with pytest.raises(ValueError, match=r"jobs \['rev'\] differ"):
+        MultiJobTrainer(config, progress=False).train(resume=True)

@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorafusion.kernels import fused_lora_linear, lora_linear_reference
+from lora_checks import DTYPES, check_against_reference, keep_mask_for, make_inputs, run_fused
+from lorafusion.kernels import fused_lora_linear
 from lorafusion.kernels.cuda_backend import BINDING_SOURCE, CSRC_DIR, CUDA_SOURCES, NVCC_FLAGS
 from lorafusion.kernels.keep_mask import triton_keep_mask
 from lorafusion.kernels.nf4 import quantize_nf4
 from lorafusion.kernels.reference import nf4_dequantize_reference
-from lorafusion.kernels.utils import new_dropout_seed
 
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compiled here")
@@ -152,77 +152,6 @@ def test_importing_lorafusion_builds_nothing():
 # GPU: the backend against the float64 reference (test_lora_linear.py's tests, backend="cuda")
 # ---------------------------------------------------------------------------------------------
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def make_inputs(lead, in_features, out_features, rank, dtype, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype).cuda()
-
-    x = rand(*lead, in_features)
-    weight = rand(out_features, in_features, scale=in_features**-0.5)
-    b = rand(out_features) if bias else None
-    lora_A = rand(rank, in_features, scale=in_features**-0.5)
-    lora_B = rand(out_features, rank, scale=rank**-0.5)
-    grad_out = rand(*lead, out_features)
-    return x, weight, b, lora_A, lora_B, grad_out
-
-
-def run_fused(x, weight, b, lora_A, lora_B, grad_out, scaling, p, forward_impl="cublas", dropout_seed=123):
-    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, lora_A, lora_B, b)]
-    torch.manual_seed(dropout_seed)
-    y = fused_lora_linear(leaves[0], weight, leaves[3], leaves[1], leaves[2], scaling, p, "cuda", forward_impl)
-    y.backward(grad_out)
-    return y.detach(), [t.grad if t is not None else None for t in leaves]
-
-
-def run_reference(x, weight, b, lora_A, lora_B, grad_out, scaling, keep, p, dtype):
-    leaves = [t.to(dtype).clone().requires_grad_() if t is not None else None for t in (x, lora_A, lora_B, b)]
-    y = lora_linear_reference(leaves[0], weight.to(dtype), leaves[3], leaves[1], leaves[2], scaling, keep, p)
-    y.backward(grad_out.to(dtype))
-    return y.detach(), [t.grad if t is not None else None for t in leaves]
-
-
-def cuda_mask_for(tokens, in_features, p, dropout_seed=123):
-    from lorafusion.kernels.cuda_backend import cuda_keep_mask
-
-    if p == 0.0:
-        return None
-    torch.manual_seed(dropout_seed)
-    return cuda_keep_mask(new_dropout_seed(torch.device("cuda")), tokens, in_features, p, torch.device("cuda"))
-
-
-def assert_as_accurate_as_torch(name, fused, exact, same_dtype_torch):
-    fused_err = (fused.double() - exact).abs().max().item()
-    torch_err = (same_dtype_torch.double() - exact).abs().max().item()
-    magnitude = exact.abs().max().item()
-    if same_dtype_torch.dtype == torch.float32:
-        bound = 1e-5 * max(magnitude, 1.0)
-    else:
-        ulp = 2.0**-7 if same_dtype_torch.dtype == torch.bfloat16 else 2.0**-10
-        bound = 4 * torch_err + ulp * magnitude
-    assert fused_err <= bound, f"{name}: error {fused_err:.3g} > bound {bound:.3g} (torch's own: {torch_err:.3g})"
-
-
-def check_against_reference(lead, in_features, out_features, rank, dtype, bias, p, forward_impl="cublas"):
-    x, weight, b, lora_A, lora_B, grad_out = make_inputs(lead, in_features, out_features, rank, dtype, bias)
-    scaling = 16.0 / rank
-    keep = cuda_mask_for(x.numel() // in_features, in_features, p)
-    y, grads = run_fused(x, weight, b, lora_A, lora_B, grad_out, scaling, p, forward_impl)
-    y64, grads64 = run_reference(x, weight, b, lora_A, lora_B, grad_out, scaling, keep, p, torch.float64)
-    y_lp, grads_lp = run_reference(x, weight, b, lora_A, lora_B, grad_out, scaling, keep, p, dtype)
-    assert y.dtype == dtype and y.shape == (*lead, out_features)
-    assert_as_accurate_as_torch("y", y, y64, y_lp)
-    for name, g, g64, g_lp in zip(("dx", "dA", "dB", "dbias"), grads, grads64, grads_lp):
-        if g64 is None:
-            assert g is None
-            continue
-        assert g is not None and g.dtype == dtype, name
-        assert_as_accurate_as_torch(name, g, g64, g_lp)
-
-
 @pytest.fixture
 def tf32_off():
     """fp32 results are held to 1e-5: torch's own matmuls must not use TF32 either."""
@@ -240,7 +169,7 @@ def tf32_off():
 )
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_fp32_matches_float64_reference(tf32_off, lead, in_features, out_features, rank, p):
-    check_against_reference(lead, in_features, out_features, rank, torch.float32, bias=True, p=p)
+    check_against_reference("cuda", lead, in_features, out_features, rank, torch.float32, bias=True, p=p, device="cuda")
 
 
 @needs_gpu
@@ -248,13 +177,13 @@ def test_fp32_matches_float64_reference(tf32_off, lead, in_features, out_feature
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("in_features", [80, 83])  # 83: rows not 16-byte aligned, the scalar path
 def test_low_precision_as_accurate_as_torch(dtype, p, in_features):
-    check_against_reference((3, 29), in_features, 56, 12, DTYPES[dtype], bias=False, p=p)
+    check_against_reference("cuda", (3, 29), in_features, 56, 12, DTYPES[dtype], bias=False, p=p, device="cuda")
 
 
 @needs_gpu
 @pytest.mark.parametrize("rank", [100, 256])
 def test_large_ranks(tf32_off, rank):
-    check_against_reference((24,), 40, 36, rank, torch.float32, bias=False, p=0.5)
+    check_against_reference("cuda", (24,), 40, 36, rank, torch.float32, bias=False, p=0.5, device="cuda")
 
 
 @needs_gpu
@@ -262,16 +191,18 @@ def test_large_ranks(tf32_off, rank):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_epilogue_forward(tf32_off, bias, p, dtype):
-    check_against_reference((2, 33), 47, 72, 9, DTYPES[dtype], bias=bias, p=p, forward_impl="triton_gemm")
+    check_against_reference(
+        "cuda", (2, 33), 47, 72, 9, DTYPES[dtype], bias=bias, p=p, forward_impl="triton_gemm", device="cuda"
+    )
 
 
 @needs_gpu
 def test_non_contiguous_input():
-    x, weight, b, lora_A, lora_B, grad_out = make_inputs((43,), 31, 26, 5, torch.float32)
+    x, weight, b, lora_A, lora_B, grad_out = make_inputs((43,), 31, 26, 5, torch.float32, device="cuda")
     x_t = x.t().contiguous().t()
     assert not x_t.is_contiguous()
-    y, grads = run_fused(x_t, weight, b, lora_A, lora_B, grad_out, 2.0, 0.2)
-    y_ref, grads_ref = run_fused(x, weight, b, lora_A, lora_B, grad_out, 2.0, 0.2)
+    y, grads = run_fused(x_t, weight, b, lora_A, lora_B, grad_out, 2.0, 0.2, "cuda")
+    y_ref, grads_ref = run_fused(x, weight, b, lora_A, lora_B, grad_out, 2.0, 0.2, "cuda")
     torch.testing.assert_close(y, y_ref)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref)
@@ -280,16 +211,16 @@ def test_non_contiguous_input():
 @needs_gpu
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_keeps_about_one_minus_p(p):
-    mask = cuda_mask_for(200, 150, p, dropout_seed=7)
+    mask = keep_mask_for("cuda", 200, 150, p, "cuda", dropout_seed=7)
     assert abs(mask.double().mean().item() - (1 - p)) < 5 * (p * (1 - p) / mask.numel()) ** 0.5
 
 
 @needs_gpu
 def test_dropout_is_deterministic_for_a_seed():
-    x, weight, b, lora_A, lora_B, grad_out = make_inputs((21,), 30, 20, 6, torch.float32)
-    first = run_fused(x, weight, b, lora_A, lora_B, grad_out, 1.0, 0.4, dropout_seed=5)
-    again = run_fused(x, weight, b, lora_A, lora_B, grad_out, 1.0, 0.4, dropout_seed=5)
-    other = run_fused(x, weight, b, lora_A, lora_B, grad_out, 1.0, 0.4, dropout_seed=6)
+    x, weight, b, lora_A, lora_B, grad_out = make_inputs((21,), 30, 20, 6, torch.float32, device="cuda")
+    first = run_fused(x, weight, b, lora_A, lora_B, grad_out, 1.0, 0.4, "cuda", dropout_seed=5)
+    again = run_fused(x, weight, b, lora_A, lora_B, grad_out, 1.0, 0.4, "cuda", dropout_seed=5)
+    other = run_fused(x, weight, b, lora_A, lora_B, grad_out, 1.0, 0.4, "cuda", dropout_seed=6)
     assert torch.equal(first[0], again[0])
     assert not torch.equal(first[0], other[0])
 

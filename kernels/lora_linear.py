@@ -119,6 +119,39 @@ def _base_weight(weight, backend: str) -> torch.Tensor:
     return weight.dequantize(out=workspace, backend=backend)
 
 
+def lora_backward(ctx, dy, lora_dy, lora_dx_da) -> tuple:
+    """The backward of a fused LoRA linear op (single- or multi-adapter): (dX, dW, dbias, dA, dB).
+
+    ctx holds (x, weight or None for an NF4 base, lora_A, lora_B, S) and quantized_weight, backend,
+    has_bias. lora_dy(dY, B, S) -> (dS, dB in fp32) is the pass over dY; lora_dx_da(dS, A, X,
+    dX or None) writes the LoRA part of dX and returns dA in fp32; cuBLAS adds dY W to dX.
+    """
+    x, weight, lora_A, lora_B, s = ctx.saved_tensors
+    need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
+    x2d = x.reshape(-1, x.shape[-1])
+    dy2d = dy.reshape(-1, dy.shape[-1])
+    if dy2d.stride(-1) != 1:
+        dy2d = dy2d.contiguous()
+    grad_x = grad_w = grad_bias = grad_A = grad_B = None
+    ds, db = lora_dy(dy2d, lora_B, s)
+    if need_db:
+        grad_B = db.to(lora_B.dtype)
+    if need_dx or need_da:
+        dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_dx else None
+        da = lora_dx_da(ds, lora_A, x2d, dx)
+        if need_da:
+            grad_A = da.to(lora_A.dtype)
+        if need_dx:
+            base = weight if ctx.quantized_weight is None else _base_weight(ctx.quantized_weight, ctx.backend)
+            dx.addmm_(dy2d, base)
+            grad_x = dx.reshape(x.shape)
+    if need_dw:  # only when the caller un-froze the base weight
+        grad_w = dy2d.t() @ x2d
+    if need_dbias and ctx.has_bias:
+        grad_bias = dy2d.sum(0)
+    return grad_x, grad_w, grad_bias, grad_A, grad_B
+
+
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend, forward_impl):
@@ -146,32 +179,14 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, s = ctx.saved_tensors
         ops = _OPS[ctx.backend]
-        need_dx, need_dw, need_db, need_da, need_dlb = ctx.needs_input_grad[:5]
-        x2d = x.reshape(-1, x.shape[-1])
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        if dy2d.stride(-1) != 1:
-            dy2d = dy2d.contiguous()
-        grad_x = grad_w = grad_bias = grad_A = grad_B = None
-
-        ds, db = ops.lora_dy(dy2d, lora_B, s, ctx.scaling)
-        if need_dlb:
-            grad_B = db.to(lora_B.dtype)
-        if need_dx or need_da:
-            dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_dx else None
-            da = ops.lora_dx_da(ds, lora_A, x2d, ctx.dropout_p, ctx.seed, dx)
-            if need_da:
-                grad_A = da.to(lora_A.dtype)
-            if need_dx:
-                base = weight if ctx.quantized_weight is None else _base_weight(ctx.quantized_weight, ctx.backend)
-                dx.addmm_(dy2d, base)
-                grad_x = dx.reshape(x.shape)
-        if need_dw:  # only when the caller un-froze the base weight
-            grad_w = dy2d.t() @ x2d
-        if need_db and ctx.has_bias:
-            grad_bias = dy2d.sum(0)
-        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None
+        grads = lora_backward(
+            ctx,
+            dy,
+            lambda dy2d, lora_B, s: ops.lora_dy(dy2d, lora_B, s, ctx.scaling),
+            lambda ds, lora_A, x2d, dx: ops.lora_dx_da(ds, lora_A, x2d, ctx.dropout_p, ctx.seed, dx),
+        )
+        return *grads, None, None, None, None
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora_linear import SUPPORTED_DTYPES, _base_weight, resolve_backend
+from .lora_linear import SUPPORTED_DTYPES, _base_weight, lora_backward, resolve_backend
 from .nf4 import NF4Weight
 from .reference import torch_keep_mask
 from .segments import SegmentMeta
@@ -143,31 +143,14 @@ class MultiLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A_cat, lora_B_cat, s = ctx.saved_tensors
         ops, meta = _OPS[ctx.backend], ctx.meta
-        need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
-        x2d = x.reshape(-1, x.shape[-1])
-        dy2d = dy.reshape(-1, dy.shape[-1])
-        if dy2d.stride(-1) != 1:
-            dy2d = dy2d.contiguous()
-        grad_x = grad_w = grad_bias = grad_A = grad_B = None
-        ds, db = ops.dy(dy2d, lora_B_cat, s, meta)
-        if need_db:
-            grad_B = db.to(lora_B_cat.dtype)
-        if need_dx or need_da:
-            dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_dx else None
-            da = ops.dx_da(ds, lora_A_cat, x2d, meta, ctx.seed, dx)
-            if need_da:
-                grad_A = da.to(lora_A_cat.dtype)
-            if need_dx:
-                base = weight if ctx.quantized_weight is None else _base_weight(ctx.quantized_weight, ctx.backend)
-                dx.addmm_(dy2d, base)
-                grad_x = dx.reshape(x.shape)
-        if need_dw:
-            grad_w = dy2d.t() @ x2d
-        if need_dbias and ctx.has_bias:
-            grad_bias = dy2d.sum(0)
-        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
+        grads = lora_backward(
+            ctx,
+            dy,
+            lambda dy2d, lora_B_cat, s: ops.dy(dy2d, lora_B_cat, s, meta),
+            lambda ds, lora_A_cat, x2d, dx: ops.dx_da(ds, lora_A_cat, x2d, meta, ctx.seed, dx),
+        )
+        return *grads, None, None, None
 
 
 def fused_multi_lora_linear(

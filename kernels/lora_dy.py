@@ -23,6 +23,44 @@ def _dy_configs():
     )
 
 
+@triton.jit
+def dy_row_block(
+    dy_ptr, b_ptr, s_ptr, db_ptr, rows, row_ok, ranks, b_ranks, rank_ok, N, db_row_stride,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, scaling,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One block of rows over all of dY: returns dY B (fp32, unscaled) for these rows and adds
+    scaling * dY^T S into dB with atomics. `ranks` index S's columns, `b_ranks` the same ranks in
+    B's and dB's columns (an adapter's offset in the concatenated rank dimension)."""
+    s = tl.load(
+        s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
+        mask=row_ok[:, None] & rank_ok[None, :],
+        other=0.0,
+    )
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + cols[:, None] * stride_bn + b_ranks[None, :] * stride_br,
+            mask=col_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
+        ds = tile_dot(dy, b, ds, UPCAST, PRECISION)
+        db = tile_dot(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), UPCAST, PRECISION)
+        tl.atomic_add(
+            db_ptr + cols[:, None] * db_row_stride + b_ranks[None, :],
+            db * scaling,
+            mask=col_ok[:, None] & rank_ok[None, :],
+        )
+    return ds
+
+
 @triton.autotune(configs=_dy_configs(), key=["N", "BLOCK_R"], reset_to_zero=["db_ptr"])
 @triton.jit
 def _lora_dy_kernel(
@@ -40,32 +78,11 @@ def _lora_dy_kernel(
     ranks = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     rank_ok = ranks < R
-    s = tl.load(
-        s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
-        mask=row_ok[:, None] & rank_ok[None, :],
-        other=0.0,
+    ds = dy_row_block(
+        dy_ptr, b_ptr, s_ptr, db_ptr, rows, row_ok, ranks, ranks, rank_ok, N, R,
+        stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, scaling,
+        UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
     )
-    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        dy = tl.load(
-            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + cols[:, None] * stride_bn + ranks[None, :] * stride_br,
-            mask=col_ok[:, None] & rank_ok[None, :],
-            other=0.0,
-        )
-        ds = tile_dot(dy, b, ds, UPCAST, PRECISION)
-        db = tile_dot(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), UPCAST, PRECISION)
-        tl.atomic_add(
-            db_ptr + cols[:, None] * R + ranks[None, :],
-            db * scaling,
-            mask=col_ok[:, None] & rank_ok[None, :],
-        )
     tl.store(
         ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
         (ds * scaling).to(ds_ptr.dtype.element_ty),

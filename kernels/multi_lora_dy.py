@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from .lora_dy import dy_row_block
 from .segments import SegmentMeta, segment_block
-from .utils import autotune_configs, dot_precision, rank_block, tile_dot, triton, tl, upcast_dots
+from .utils import autotune_configs, dot_precision, rank_block, triton, tl, upcast_dots
 
 
 def _configs():
@@ -38,32 +39,11 @@ def _multi_lora_dy_kernel(
         block, block_adapter_ptr, block_start_ptr, block_end_ptr, rank_ptr, rank_offset_ptr, BLOCK_M, BLOCK_R
     )
     scaling = tl.load(scaling_ptr + adapter)
-    s = tl.load(
-        s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
-        mask=row_ok[:, None] & rank_ok[None, :],
-        other=0.0,
+    ds = dy_row_block(
+        dy_ptr, b_ptr, s_ptr, db_ptr, rows, row_ok, ranks, adapter_cols, rank_ok, N, TOTAL_RANK,
+        stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, scaling,
+        UPCAST, PRECISION, BLOCK_M, BLOCK_N, BLOCK_R,
     )
-    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
-        dy = tl.load(
-            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + cols[:, None] * stride_bn + adapter_cols[None, :] * stride_br,
-            mask=col_ok[:, None] & rank_ok[None, :],
-            other=0.0,
-        )
-        ds = tile_dot(dy, b, ds, UPCAST, PRECISION)
-        db = tile_dot(tl.trans(dy), s, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), UPCAST, PRECISION)
-        tl.atomic_add(
-            db_ptr + cols[:, None] * TOTAL_RANK + adapter_cols[None, :],
-            db * scaling,
-            mask=col_ok[:, None] & rank_ok[None, :],
-        )
     tl.store(
         ds_ptr + rows[:, None] * stride_dsm + ranks[None, :] * stride_dsr,
         (ds * scaling).to(ds_ptr.dtype.element_ty),

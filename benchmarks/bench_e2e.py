@@ -19,7 +19,6 @@ Writes e2e_<device>.csv, .machine.json and .png under benchmarks/results/.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -36,7 +35,7 @@ import pytest
 import torch
 import yaml
 
-from harness import RESULTS_DIR, machine_info, print_table, write_results
+from harness import RESULTS_DIR, bench_arguments, machine_info, new_figure, print_table, save_figure, write_results
 from lorafusion.runtime.config import parse_config
 from lorafusion.runtime.data import load_jsonl_dataset
 from lorafusion.runtime.model import build_base_model
@@ -233,28 +232,19 @@ def run(
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = new_figure(figsize=(5, 3.5))
     ax.bar([r["impl"] for r in rows], [r["tokens_per_s"] for r in rows])
     ax.tick_params(axis="x", labelrotation=20)
     ax.set_ylabel("training tokens / s")
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = bench_arguments(__doc__)
     parser.add_argument("--jobs", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--pipeline-stages", type=int, default=0, help="also run pipeline-parallel on S processes")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     run(torch.device(args.device), args.jobs, args.steps, args.pipeline_stages, args.out_dir)
 

@@ -13,14 +13,23 @@ Writes lora_linear_<device>.csv, .machine.json and .png under benchmarks/results
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from harness import RESULTS_DIR, machine_info, peak_memory_mb, print_table, time_ms, write_results
+from harness import (
+    RESULTS_DIR,
+    bench_arguments,
+    machine_info,
+    new_figure,
+    peak_memory_mb,
+    print_table,
+    save_figure,
+    time_ms,
+    write_results,
+)
 from lorafusion.kernels import fused_lora_linear
 from lorafusion.kernels.cuda_backend import cuda_extension_builds
 from lorafusion.modules import FusedLoRALinear
@@ -142,15 +151,10 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shapes = sorted({(r["hidden"], r["r"]) for r in rows})
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     width = 0.8 / len(impls)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(shapes)), 4))
+    fig, ax = new_figure(figsize=(max(6, 1.6 * len(shapes)), 4))
     for i, impl in enumerate(impls):
         values = [next(r["x_base"] for r in rows if r["impl"] == impl and (r["hidden"], r["r"]) == s) for s in shapes]
         ax.bar([j + i * width for j in range(len(shapes))], values, width, label=impl)
@@ -160,9 +164,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("forward+backward time / frozen base linear")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(device: torch.device, shapes=None, out_dir: Path = RESULTS_DIR) -> list[dict]:
@@ -185,9 +187,7 @@ def run(device: torch.device, shapes=None, out_dir: Path = RESULTS_DIR) -> list[
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser = bench_arguments(__doc__)
     args = parser.parse_args(argv)
     run(torch.device(args.device), out_dir=args.out_dir)
 

@@ -21,7 +21,6 @@ benchmarks/results/.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import torch
 import transformers
 from torch.nn import functional as F
 
-from harness import RESULTS_DIR, machine_info, print_table, time_ms, write_results
+from harness import RESULTS_DIR, bench_arguments, machine_info, print_table, time_ms, write_results
 from lorafusion import LoRAConfig, apply_lora
 from lorafusion.loram import loram_memory_report, make_prune_map, prune
 
@@ -95,7 +94,6 @@ def measure_training(shape: dict, variant: str, ratio: float, tokens: int, dtype
         "trainable_params": sum(p.numel() for p in adapters),
         "peak_mem_mb": peak_mb,
     }
-    del model, optimizer
     return row
 
 
@@ -145,9 +143,7 @@ def run(device: torch.device, shape: dict | None = None, tokens: int | None = No
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser = bench_arguments(__doc__)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -14,13 +14,21 @@ Writes multi_lora_<device>.csv, .machine.json and .png under benchmarks/results/
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from harness import RESULTS_DIR, machine_info, print_table, time_ms, write_results
+from harness import (
+    RESULTS_DIR,
+    bench_arguments,
+    machine_info,
+    new_figure,
+    print_table,
+    save_figure,
+    time_ms,
+    write_results,
+)
 from lorafusion.modules import MultiLoRABatch, MultiLoRALinear
 
 DROPOUT = 0.1
@@ -123,13 +131,8 @@ def run(device: torch.device, tokens: int | None = None, hiddens=None, counts=AD
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = sorted({(r["hidden"], r["ranks"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
     for ax, (hidden, rank_set) in zip(axes[0], panels):
         for impl in dict.fromkeys(r["impl"] for r in rows):
             points = [(r["k"], r["fwd_bwd_ms"]) for r in rows if (r["hidden"], r["ranks"], r["impl"]) == (hidden, rank_set, impl)]
@@ -140,15 +143,11 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.set_xscale("log", base=2)
     axes[0][0].legend()
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser = bench_arguments(__doc__)
     args = parser.parse_args(argv)
     run(torch.device(args.device), out_dir=args.out_dir)
 

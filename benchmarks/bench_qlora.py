@@ -18,7 +18,6 @@ benchmarks/results/.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
-from harness import RESULTS_DIR, machine_info, peak_memory_mb, print_table, time_ms, write_results
+from harness import RESULTS_DIR, bench_arguments, machine_info, peak_memory_mb, print_table, time_ms, write_results
 from lorafusion.modules import FusedLoRALinear
 from lorafusion.qlora import nf4_to_bnb, quantize_nf4
 
@@ -166,9 +165,7 @@ def run(device: torch.device, layer_shapes=None, dequant_shapes=None, out_dir: P
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser = bench_arguments(__doc__)
     args = parser.parse_args(argv)
     run(torch.device(args.device), out_dir=args.out_dir)
 

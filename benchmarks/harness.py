@@ -7,6 +7,7 @@ numbers measured in the same run.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import importlib.metadata
@@ -20,6 +21,32 @@ from typing import Callable
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def bench_arguments(doc: str) -> argparse.ArgumentParser:
+    """The arguments every benchmark script takes: --device and --out-dir (add more to the parser)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    return parser
+
+
+def new_figure(*args, **kwargs):
+    """A matplotlib figure on the file-only backend (no display on benchmark machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=None, repetitions: int = 5) -> float:

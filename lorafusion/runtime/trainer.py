@@ -564,18 +564,20 @@ class MultiJobTrainer:
         return pack_samples(entries, self.device, dropout_seed=seed)
 
     def _run_microbatch(self, position: int, refs: list) -> None:
+        # Every operation is per token or per sample (packed attention, per-segment adapters), so a
+        # job's non-finite values stay in its own rows: it fails, and the others' losses go on.
         losses = self._forward(position, refs)
-        bad = [name for name, loss in losses.items() if not torch.isfinite(loss)]
-        if bad:
-            self._isolate_failures(position, refs, bad)
-            refs = [ref for ref in refs if self.jobs[ref.job].status == "running"]
-            if not refs:
-                return
-            losses = self._forward(position, refs)
+        for name, loss in list(losses.items()):
+            if not torch.isfinite(loss):
+                global_batch = next(ref.global_batch for ref in refs if ref.job == name)
+                self._fail(self.jobs[name], f"non-finite loss ({loss.item()}) in global batch {global_batch}")
+                del losses[name]
+        if not losses:
+            return
         sum(losses.values()).backward()
         for name, loss in losses.items():
             self.jobs[name].batch_loss += loss.item()
-        self.count_trained(refs)
+        self.count_trained([ref for ref in refs if self.jobs[ref.job].status == "running"])
 
     def count_trained(self, refs: list) -> None:
         """Book the samples as trained (their gradients are in); step each job whose global batch
@@ -601,16 +603,6 @@ class MultiJobTrainer:
         sums = token_losses.new_zeros(len(names)).index_add(0, job_of_sample[packed.sample_of_token], token_losses)
         batch_of_job = {ref.job: ref.global_batch for ref in refs}
         return {name: sums[i] / self.jobs[name].target_tokens[batch_of_job[name]] for i, name in enumerate(names)}
-
-    def _isolate_failures(self, position: int, refs: list, suspects: list[str]) -> None:
-        """Non-finite values in one sample can reach others through the attention kernels, so a
-        non-finite loss is attributed by re-running each suspect job's samples alone."""
-        for name in suspects:
-            own = [ref for ref in refs if ref.job == name]
-            with torch.no_grad():
-                loss = self._forward(position, own)[name]
-            if not torch.isfinite(loss):
-                self._fail(self.jobs[name], f"non-finite loss ({loss.item()}) in global batch {own[0].global_batch}")
 
     def _fail(self, job: JobRun, reason: str) -> None:
         job.status, job.failure = "failed", reason

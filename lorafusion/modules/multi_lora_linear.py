@@ -213,16 +213,28 @@ class MultiLoRALinear(nn.Module):
                 # NF4Linear's op: dequantized into the shared workspace, differentiable in x.
                 return qlora._NF4LinearFunction.apply(x, self.weight, self.bias, resolve_backend(self.backend, x.device))
             return F.linear(x, self.weight, self.bias)
-        settings = {
-            n: (a.r, a.scaling, a.lora_dropout if self.training else 0.0)
-            for n, a in ((n, self.adapters[n]) for n in held)
-        }
-        meta = batch.segment_meta(settings, x.device)
+        meta = self.segment_meta(batch, x.device)
         lora_A_cat, lora_B_cat = self._concatenated(held)
         seed = None if batch.dropout_seed is None else (batch.dropout_seed + self.dropout_seed_offset) % (2**31 - 1)
         return fused_multi_lora_linear(
             x, self.weight, self.bias, lora_A_cat, lora_B_cat, meta, backend=self.backend, dropout_seed=seed
         )
+
+    def segment_meta(self, batch: MultiLoRABatch, device: torch.device | None = None) -> SegmentMeta | None:
+        """The kernel metadata this layer uses for `batch` (None when none of its adapters has tokens
+        there), built on first request and cached in the batch for every layer of the same settings.
+
+        Building it copies small tables to the device, which waits for the device: `multi_lora_batch`
+        builds it for every layer on entry, so that the layers' forward and backward never wait.
+        """
+        held = [n for n in batch.adapters_with_tokens() if n in self.adapters]
+        if not held:
+            return None
+        settings = {
+            n: (a.r, a.scaling, a.lora_dropout if self.training else 0.0)
+            for n, a in ((n, self.adapters[n]) for n in held)
+        }
+        return batch.segment_meta(settings, self.weight.device if device is None else device)
 
     def _concatenated(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """A and B of `names` stacked along the rank (differentiable: each gradient flows back to
@@ -250,7 +262,8 @@ def multi_lora_batch(model: nn.Module, batch: MultiLoRABatch) -> Iterator[MultiL
     """Hands `batch` to every MultiLoRALinear in `model` for the forward passes run inside.
 
     Adapter names are checked against the adapters the model holds; a job whose adapter does not
-    target some layer gets that layer's base output for its tokens.
+    target some layer gets that layer's base output for its tokens. Every layer's segment metadata
+    is built here, before the forward pass, in each layer's current train/eval mode.
     """
     layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
     if not layers:
@@ -261,6 +274,7 @@ def multi_lora_batch(model: nn.Module, batch: MultiLoRABatch) -> Iterator[MultiL
         raise ValueError(f"unknown adapter(s) {unknown} in the batch; the model holds {sorted(known)}")
     previous = [layer._context_batch for layer in layers]
     for layer in layers:
+        layer.segment_meta(batch)
         layer._context_batch = batch
     try:
         yield batch

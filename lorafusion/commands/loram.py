@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _keep_layers(text: str) -> list[int] | None:
@@ -24,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     prune = actions.add_parser("prune", help="structurally prune a local Llama/Qwen2/Mistral checkpoint")
     prune.add_argument("--model", required=True, help="original model directory (Hugging Face checkpoint)")
-    prune.add_argument("--out", required=True, help="directory for the pruned model and prune_map.json")
+    prune.add_argument("--out", required=True, help="directory for the pruned model and prune_map.json (new or empty, or see --overwrite)")
+    prune.add_argument("--overwrite", action="store_true", help="write into a non-empty --out: replaces what lorafusion wrote there before and writes beside other files; files lorafusion did not write are never deleted or replaced")
     prune.add_argument("--ratio", type=float, required=True, help="fraction of MLP channels and KV heads removed per pruned layer, in [0, 1)")
     prune.add_argument("--method", default="random", choices=("random", "magnitude", "activation"))
     prune.add_argument("--keep-layers", type=_keep_layers, default=None, metavar="LIST",
@@ -38,7 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     align = actions.add_parser("align", help="full-parameter continued pre-training of a pruned model on a text corpus")
     align.add_argument("--model", required=True, help="pruned model directory")
     align.add_argument("--data", required=True, help='JSONL corpus of {"text": ...} records')
-    align.add_argument("--out", required=True, help="directory for the aligned model (replaced atomically at each checkpoint)")
+    align.add_argument("--out", required=True, help="directory for the aligned model, new or empty (or see --overwrite); "
+                       "its files are replaced at each checkpoint")
+    align.add_argument("--overwrite", action="store_true", help="write into a non-empty --out: replaces what lorafusion wrote there before and writes beside other files; files lorafusion did not write are never deleted or replaced")
     align.add_argument("--steps", type=int, required=True)
     align.add_argument("--lr", type=float, default=1e-5)
     align.add_argument("--weight-decay", type=float, default=0.0)
@@ -68,11 +72,19 @@ def _print_report(report: dict[str, float]) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from lorafusion.runtime.output_dir import claim_model_directory
+
+    with claim_model_directory(args.out, args.overwrite):  # before any work: a refusal comes at once
+        return _prune_into(Path(args.out), args)
+
+
+def _prune_into(out: Path, args: argparse.Namespace) -> int:
     import torch
     import transformers
 
     from lorafusion.loram import loram_memory_report, prune, save_pruned_model
     from lorafusion.runtime.data import load_jsonl_dataset
+    from lorafusion.runtime.output_dir import discard, publish_files, staging_directory
     from lorafusion.runtime.tokenizer import load_tokenizer
 
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
@@ -87,8 +99,13 @@ def _prune(args: argparse.Namespace) -> int:
         samples = load_jsonl_dataset(args.calibration, "text", tokenizer, args.max_seq_len)[: args.calibration_samples]
         calibration = [torch.tensor([sample.input_ids]) for sample in samples]
     pruned, prune_map = prune(model, args.ratio, args.method, args.keep_layers, args.seed, calibration)
-    save_pruned_model(pruned, prune_map, args.out)
-    tokenizer.save_pretrained(args.out)
+    staging = staging_directory(out)
+    try:
+        save_pruned_model(pruned, prune_map, staging)
+        tokenizer.save_pretrained(staging)
+        publish_files(staging, out)
+    finally:
+        discard(staging)
     print(f"pruned model written to {args.out}")
     _print_report(loram_memory_report(model.config, prune_map))
     return 0
@@ -100,7 +117,7 @@ def _align(args: argparse.Namespace) -> int:
     align(
         args.model, args.data, args.out, args.steps, lr=args.lr, weight_decay=args.weight_decay,
         tokens_per_step=args.tokens_per_step, max_seq_len=args.max_seq_len, tokenizer=args.tokenizer,
-        checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
+        checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device, overwrite=args.overwrite,
         log=lambda step, loss: print(f"step {step}: loss {loss:.4f}", flush=True),
     )
     print(f"aligned model written to {args.out}")

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import warnings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="training YAML (see examples/quickstart.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from the checkpoints in output_dir")
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument(
+        "--resume", action="store_true",
+        help="continue the interrupted run in output_dir from its checkpoints (same config; without --resume "
+        "a run never starts in a directory holding another run)",
+    )
+    existing.add_argument(
+        "--overwrite", action="store_true",
+        help="start afresh in a non-empty output_dir: removes an earlier lorafusion run's outputs there (its "
+        "adapters, checkpoints, metrics, schedule, base_model) and writes beside other files; files lorafusion "
+        "did not write are never deleted or replaced",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or summary table")
     parser.add_argument(
@@ -33,6 +46,10 @@ def _run(config, args):
     )
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"lorafusion train: warning: {message}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace) -> int:
     from lorafusion.runtime.config import ConfigError, load_config
 
@@ -41,8 +58,11 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"lorafusion train: invalid config {args.config}:\n{error}", file=sys.stderr)
         return 2
+    config = dataclasses.replace(config, overwrite=getattr(args, "overwrite", False))
     try:
-        result = _run(config, args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line each, as the errors are
+            result = _run(config, args)
     except ValueError as error:  # a problem found before training (layout, process count, ...)
         print(f"lorafusion train: {error}", file=sys.stderr)
         return 2

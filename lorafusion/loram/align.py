@@ -8,23 +8,23 @@ up to `tokens_per_step` tokens and takes one AdamW step on the mean token loss. 
 atomically (written to a temporary directory, then renamed over `output_dir`) every
 `checkpoint_every` steps and at the end, with its prune map and tokenizer, so `output_dir` is a
 pruned model directory that `lorafusion train` and `lorafusion loram recover` take as they are.
+`output_dir` must be new or empty unless `overwrite`; even then only files lorafusion wrote there
+are replaced (see lorafusion.runtime.output_dir), and it is locked while align runs.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
 
-from lorafusion.adapters import replace_directory
 from lorafusion.runtime.attention import PACKED_ATTENTION
 from lorafusion.runtime.data import Sample, load_jsonl_dataset
+from lorafusion.runtime.output_dir import claim_model_directory, discard, publish_files, staging_directory
 from lorafusion.runtime.packing import IGNORE_INDEX, pack_samples, per_token_loss
 from lorafusion.runtime.tokenizer import load_tokenizer
 
@@ -59,17 +59,16 @@ def _batches(samples: list[Sample], tokens_per_step: int, seed: int):
 
 
 def _save(model: transformers.PreTrainedModel, prune_map: PruneMap | None, tokenizer, output_dir: Path) -> None:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging = staging_directory(output_dir)
     try:
         if prune_map is not None:
             save_pruned_model(model, prune_map, staging)
         else:
             model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        replace_directory(staging, output_dir)
+        publish_files(staging, output_dir)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
 
 
 def align(
@@ -86,6 +85,7 @@ def align(
     seed: int = 0,
     device: torch.device | str = "cpu",
     log: Callable[[int, float], None] | None = None,
+    overwrite: bool = False,
 ) -> list[float]:
     """Continue pre-training the (pruned) model in `model_dir` on the JSONL corpus `data`
     ({"text": ...} records) for `steps` AdamW steps, all parameters trained in fp32; save it to
@@ -98,36 +98,37 @@ def align(
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     model_dir, output_dir = Path(model_dir), Path(output_dir)
-    if tokenizer is None:
-        try:
-            tokenizer_model = load_tokenizer(model_dir)
-        except ValueError:  # the model directory has no tokenizer
-            tokenizer_model = load_tokenizer(None)
-    else:
-        tokenizer_model = load_tokenizer(tokenizer)
-    samples = load_jsonl_dataset(data, "text", tokenizer_model, max_seq_len)
-    if not samples:
-        raise ValueError(f"{data} holds no records")
-    prune_map = PruneMap.load(model_dir) if is_pruned_checkpoint(model_dir) else None
-    torch.manual_seed(seed)
-    model = _load_model(model_dir).to(device).train()
-    model.config.use_cache = False
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    losses = []
-    batches = _batches(samples, tokens_per_step, seed)
-    for step in range(1, steps + 1):
-        packed = pack_samples([("align", sample) for sample in next(batches)], device)
-        logits = model(**packed.model_inputs()).logits
-        targets = (packed.labels[0, 1:] != IGNORE_INDEX).sum().clamp(min=1)
-        loss = per_token_loss(logits, packed.labels).sum() / targets
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        if log is not None:
-            log(step, losses[-1])
-        if step % checkpoint_every == 0 or step == steps:
-            _save(model, prune_map, tokenizer_model, output_dir)
-    return losses
+    with claim_model_directory(output_dir, overwrite):  # locked while align writes there
+        if tokenizer is None:
+            try:
+                tokenizer_model = load_tokenizer(model_dir)
+            except ValueError:  # the model directory has no tokenizer
+                tokenizer_model = load_tokenizer(None)
+        else:
+            tokenizer_model = load_tokenizer(tokenizer)
+        samples = load_jsonl_dataset(data, "text", tokenizer_model, max_seq_len)
+        if not samples:
+            raise ValueError(f"{data} holds no records")
+        prune_map = PruneMap.load(model_dir) if is_pruned_checkpoint(model_dir) else None
+        torch.manual_seed(seed)
+        model = _load_model(model_dir).to(device).train()
+        model.config.use_cache = False
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        losses = []
+        batches = _batches(samples, tokens_per_step, seed)
+        for step in range(1, steps + 1):
+            packed = pack_samples([("align", sample) for sample in next(batches)], device)
+            logits = model(**packed.model_inputs()).logits
+            targets = (packed.labels[0, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+            loss = per_token_loss(logits, packed.labels).sum() / targets
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            if log is not None:
+                log(step, losses[-1])
+            if step % checkpoint_every == 0 or step == steps:
+                _save(model, prune_map, tokenizer_model, output_dir)
+        return losses

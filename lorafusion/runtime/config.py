@@ -60,6 +60,8 @@ import yaml
 from lorafusion.config import ALL_LINEAR, normalized_target_modules
 from lorafusion.kernels import BACKENDS, MAX_RANK
 
+from .output_dir import RESERVED_NAMES
+
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("nf4",)
@@ -185,6 +187,8 @@ class TrainConfig:
     checkpoint_every: optimizer steps per job between checkpoints; 0 = only at the end.
     backend: kernel backend, "auto" | "triton" | "torch".
     config_path: the file the config was read from, if any.
+    overwrite: a command-line choice, not a YAML key: a fresh run may write into a non-empty
+        output_dir (see lorafusion.runtime.output_dir).
     """
 
     model: ModelSpec
@@ -197,6 +201,7 @@ class TrainConfig:
     log_every: int
     backend: str
     config_path: Path | None = None
+    overwrite: bool = False
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
@@ -255,7 +260,7 @@ def parse_config(data: dict, base_dir: Path, config_path: Path | None = None) ->
     )
 
 
-_TOP_LEVEL_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "config_path")
+_TOP_LEVEL_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name not in ("config_path", "overwrite"))
 _MODEL_KEYS = tuple(f.name for f in fields(ModelSpec))
 _JOB_KEYS = tuple(f.name for f in fields(JobSpec))
 _SCHEDULER_KEYS = tuple(f.name for f in fields(SchedulerSpec))
@@ -386,6 +391,8 @@ def _parse_jobs(checker: _Checker, section: object, scheduler: SchedulerSpec, mo
         if name is not None:
             if not JOB_NAME_PATTERN.fullmatch(name):
                 checker.add(f"{where}.name", f"must match [A-Za-z0-9_-]+ (it names a directory), got {name!r}")
+            elif name in RESERVED_NAMES:
+                checker.add(f"{where}.name", f"{name!r} is reserved: output_dir/{name} holds the run's own files; rename the job")
             elif name in first_index_of_name:
                 checker.add(f"{where}.name", f"duplicate of jobs[{first_index_of_name[name]}].name {name!r}")
             else:

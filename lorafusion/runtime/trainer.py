@@ -14,7 +14,10 @@ Files under output_dir:
                                  state keyed by PEFT parameter name, LR schedule and position; a step
                                  is complete when all S stage files exist, and restores onto any
                                  number of stages (a single process is stage 0 of 1)
-    <job>/                       the final adapter (PEFT format), or status.json for a failed job
+    <job>/                       the final adapter (PEFT format) and status.json (finished or failed)
+    .lorafusion-run.json         the run id and what the run wrote (see output_dir.py: the run owns
+    .lorafusion.lock             the directory, holds this lock while it runs, and never deletes or
+                                 replaces a file it did not write)
 """
 
 from __future__ import annotations
@@ -23,16 +26,13 @@ import hashlib
 import io
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lorafusion.adapters import adapter_key, replace_directory, write_adapter_directory
+from lorafusion.adapters import adapter_key, write_adapter_directory
 from lorafusion.apply import apply_multi_lora, get_multi_lora_configs, multi_lora_modules
 from lorafusion.config import LoRAConfig
 from lorafusion.modules import multi_lora_batch
@@ -41,12 +41,27 @@ from lorafusion.scheduler import Job, Schedule, megatron_order, mlora_order, pla
 from .config import JobSpec, TrainConfig
 from .data import DataError, Sample, load_jsonl_dataset
 from .model import build_base_model
+from .output_dir import (
+    BASE_MODEL_DIR,
+    CHECKPOINTS_DIR,
+    METRICS_FILE,
+    SCHEDULE_FILE,
+    STATUS_FILE,
+    TENSORBOARD_DIR,
+    OutputDirError,
+    append_line,
+    discard,
+    is_complete,
+    publish_files,
+    read_json,
+    refuse_links,
+    staging_directory,
+    write_atomically,
+)
 from .packing import PackedMicrobatch, pack_samples, per_token_loss
+from .run_directory import RUN_ENTRIES, RunDirectory, run_id_of
+from .run_state import read_metrics, read_status, status_record, warn
 from .tokenizer import load_tokenizer
-
-SCHEDULE_FILE = "schedule.json"
-METRICS_FILE = "metrics.jsonl"
-STATUS_FILE = "status.json"
 
 
 @dataclass
@@ -68,6 +83,7 @@ class JobRun:
     batch_tokens: int = 0
     tokens_seen: int = 0
     last_loss: float = math.nan
+    published: bool = False  # its adapter and finished status are in output_dir (this run's)
 
     @property
     def name(self) -> str:
@@ -154,29 +170,14 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _write_atomically(path: Path, content: str | bytes | dict) -> None:
-    """Write `content` (text, bytes, or a dict as JSON) to a temporary file that then replaces
-    `path`, so readers and a resumed run never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            if isinstance(content, dict):
-                content = json.dumps(content, indent=1) + "\n"
-            out.write(content.encode("utf-8") if isinstance(content, str) else content)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 class MultiJobTrainer:
     """Trains every job of `config` together; see the module docstring for the outputs."""
 
     def __init__(self, config: TrainConfig, device: torch.device | str | None = None, progress: bool = True):
         self.config = config
+        self.run_directory: RunDirectory | None = None  # claimed by the process that sets up the run
+        self._run_id: str | None = None
+        self._bars, self._tensorboard = {}, None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = progress
         self.output_dir = Path(config.output_dir)
@@ -299,8 +300,13 @@ class MultiJobTrainer:
         microbatches, and checkpoints restore onto any stage count."""
         path = self.output_dir / SCHEDULE_FILE
         fingerprint = self._fingerprint()
+        saved = None
         if resume and path.is_file():
-            saved = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                saved = read_json(path, "schedule")
+            except OutputDirError as error:
+                warn(f"{error}; planning the schedule again (checkpoints restore onto any schedule)")
+        if saved is not None:
             saved_jobs = saved.get("fingerprint", {}).get("jobs", {})
             changed = sorted(name for name in set(saved_jobs) | set(fingerprint["jobs"]) if saved_jobs.get(name) != fingerprint["jobs"].get(name))
             if changed:
@@ -308,8 +314,11 @@ class MultiJobTrainer:
                     f"{path} was planned for other jobs or data than this config describes (jobs {changed} differ); "
                     "resume with the original jobs and data, or start a new output_dir"
                 )
-            if saved["fingerprint"] == fingerprint:
-                return Schedule.from_json_dict(saved)
+            if saved.get("fingerprint") == fingerprint:
+                try:
+                    return Schedule.from_json_dict(saved)
+                except (KeyError, TypeError, ValueError) as error:
+                    warn(f"{path}: damaged schedule ({error!r}); planning the schedule again")
         scheduler_jobs = [
             Job(name, job.spec.global_batch_size, [len(job.samples[i].input_ids) for i in job.order])
             for name, job in self.jobs.items()
@@ -329,13 +338,13 @@ class MultiJobTrainer:
             baseline_order = megatron_order if spec.policy == "megatron" else mlora_order
             microbatches = baseline_order(scheduler_jobs, stages, spec.capacity)
             schedule = Schedule(stages=stages, capacity=spec.capacity, pad_multiple=1, microbatches=microbatches)
-        _write_atomically(path, schedule.to_json_dict() | {"fingerprint": fingerprint})
+        write_atomically(path, schedule.to_json_dict() | {"fingerprint": fingerprint}, root=self.output_dir)
         return schedule
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
     def _checkpoint_dir(self, job: JobRun) -> Path:
-        return self.output_dir / "checkpoints" / job.name
+        return self.output_dir / CHECKPOINTS_DIR / job.name
 
     @property
     def _stage_file_name(self) -> str:
@@ -350,7 +359,6 @@ class MultiJobTrainer:
         leaves a half-written one. Keeps this stage's previous checkpoint, which is the complete
         one while other stages are still writing this step."""
         target = self._stage_file(job, job.step)
-        target.parent.mkdir(parents=True, exist_ok=True)
         optimizer_state = {
             key: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in job.optimizer.state[param].items()}
             for key, param in job.named_parameters.items()
@@ -366,7 +374,7 @@ class MultiJobTrainer:
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        _write_atomically(target, buffer.getvalue())
+        write_atomically(target, buffer.getvalue(), root=self.output_dir)
         own_steps = sorted(self._steps_with_file(job, own_only=True))
         for old in own_steps[:-2]:
             self._stage_file(job, old).unlink(missing_ok=True)
@@ -379,17 +387,31 @@ class MultiJobTrainer:
             steps.append(int(directory.name.removeprefix("step-")))
         return steps
 
-    def latest_complete_checkpoint(self, job: JobRun) -> list[Path]:
-        """The stage files of the job's newest step that every stage of the run that wrote it
-        finished (any stage count), or [] if there is none."""
+    def complete_checkpoints(self, job: JobRun):
+        """The stage files of each of the job's steps that every stage of the run that wrote it
+        finished (any stage count), newest first."""
         for step in sorted(self._steps_with_file(job), reverse=True):
             files = sorted((self._checkpoint_dir(job) / f"step-{step}").glob("stage-*-of-*.pt"))
             if not files:
                 continue
             stages = int(files[0].stem.rsplit("-of-", 1)[1])
             if len({f.name for f in files if f.stem.endswith(f"-of-{stages}")}) == stages:
-                return [f for f in files if f.stem.endswith(f"-of-{stages}")]
-        return []
+                yield [f for f in files if f.stem.endswith(f"-of-{stages}")]
+
+    def latest_complete_checkpoint(self, job: JobRun) -> list[Path]:
+        """The stage files of the job's newest complete step, or [] if there is none."""
+        return next(self.complete_checkpoints(job), [])
+
+    def _load_newest_intact(self, job: JobRun) -> tuple[list[Path], dict] | None:
+        """The newest complete checkpoint that loads; a damaged one (a truncated file, say) is
+        passed over for the one before it, with a warning."""
+        for files in self.complete_checkpoints(job):
+            try:
+                return files, self._load_stage_files(files)
+            except Exception as error:  # noqa: BLE001 - whatever torch.load makes of a damaged file
+                warn(f"checkpoint {files[0].parent} of job {job.name!r} is damaged ({type(error).__name__}: "
+                     f"{str(error)[:200]}); falling back to the previous complete checkpoint")
+        return None
 
     @staticmethod
     def _load_stage_files(files: list[Path]) -> dict:
@@ -397,6 +419,8 @@ class MultiJobTrainer:
         merged: dict = {"parameters": {}, "optimizer": {}}
         for path in files:
             state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not {"parameters", "optimizer", "step"} <= state.keys():
+                raise ValueError(f"{path} is not a checkpoint stage file")
             merged["parameters"].update(state["parameters"])
             merged["optimizer"].update(state["optimizer"])
             for key in ("step", "tokens_seen", "last_loss", "lr_scheduler"):
@@ -404,19 +428,24 @@ class MultiJobTrainer:
         return merged
 
     def _restore(self, job: JobRun) -> None:
-        """A failed job stays failed; every other job continues from its newest complete checkpoint
-        (finished only if that is its last step: a kill can come between a job's last step and its
-        checkpoint)."""
-        status_file = self.output_dir / job.name / STATUS_FILE
-        if status_file.is_file():
-            status = json.loads(status_file.read_text(encoding="utf-8"))
-            if status["status"] == "failed":
-                job.status, job.failure = "failed", status.get("failure")
-                return
-        files = self.latest_complete_checkpoint(job)
-        if not files:
+        """A job failed in this run stays failed, one whose adapter this run published stays
+        finished; every other job continues from its newest intact complete checkpoint (finished
+        only if that is its last step: a kill can come between a job's last step and its
+        checkpoint, or between its adapter and its status)."""
+        status = read_status(self.output_dir / job.name / STATUS_FILE, self.run_id)
+        if status is not None and status["status"] == "failed":
+            job.status, job.failure = "failed", status.get("failure")
             return
-        state = self._load_stage_files(files)
+        if status is not None and status["step"] == job.num_steps:
+            job.status, job.published, job.step = "finished", True, status["step"]
+            job.tokens_seen = status["tokens_seen"]
+            job.last_loss = math.nan if status.get("last_loss") is None else float(status["last_loss"])
+            job.remaining = [0] * job.num_steps
+            return
+        loaded = self._load_newest_intact(job)
+        if loaded is None:
+            return
+        files, state = loaded
         missing = sorted(set(job.named_parameters) - set(state["parameters"]))
         if missing:
             raise ValueError(f"checkpoint {files[0].parent} of job {job.name!r} lacks {missing[:5]}")
@@ -446,35 +475,29 @@ class MultiJobTrainer:
             raise RuntimeError(f"job {job.name!r}: the newest complete checkpoint is step {state['step']}, not the last step")
         config = get_multi_lora_configs(self.model)[job.name]
         target = self.output_dir / job.name
-        staging = Path(tempfile.mkdtemp(prefix=f".{job.name}.tmp-", dir=self.output_dir))
+        refuse_links(self.output_dir, target)
+        staging = staging_directory(target)
         try:
             write_adapter_directory(state["parameters"], config.to_peft_dict(), staging / "adapter")
-            replace_directory(staging / "adapter", target)
+            publish_files(staging / "adapter", target, root=self.output_dir)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        # Only now is the job done as far as a resumed run is concerned.
+            discard(staging)
+        # Only now, with this run's id, is the adapter this run's as far as a resumed run is concerned.
         self._write_status(job)
+        job.published = True
         return target
-
-    def _clear_previous_run(self) -> None:
-        """A fresh run in a used output_dir starts clean: no stale checkpoints, statuses or metrics."""
-        shutil.rmtree(self.output_dir / "checkpoints", ignore_errors=True)
-        (self.output_dir / METRICS_FILE).unlink(missing_ok=True)
-        for job in self.jobs.values():
-            if job.status == "running":
-                (self.output_dir / job.name / STATUS_FILE).unlink(missing_ok=True)
 
     def _truncate_metrics(self) -> None:
         """Drop records of steps a resumed run will redo (after each job's last checkpoint)."""
         path = self.output_dir / METRICS_FILE
         if not path.is_file():
             return
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        records = read_metrics(path)
         kept = [
             r for r in records
             if r["job"] in self.jobs and (self.jobs[r["job"]].status == "failed" or r["step"] <= self.jobs[r["job"]].step)
         ]
-        _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept), root=self.output_dir)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -485,9 +508,9 @@ class MultiJobTrainer:
         as a killed run would (for tests and for trying a config briefly). `schedule` replaces the
         planned one (samples of jobs this trainer does not have are skipped): e.g. to train one
         job alone on exactly the microbatches it had in a multi-job run."""
-        schedule = self.begin(resume, schedule)
         run = 0
         try:
+            schedule = self.begin(resume, schedule)
             for position, microbatch in enumerate(schedule.microbatches):
                 refs = self.live_refs(microbatch)
                 if not refs:
@@ -496,9 +519,10 @@ class MultiJobTrainer:
                 run += 1
                 if stop_after_microbatches is not None and run >= stop_after_microbatches:
                     return self._result(run, interrupted=True)
+            return self.finish(run)
         finally:
             self._close_progress()
-        return self.finish(run)
+            self.release_output_dir()
 
     def begin(self, resume: bool, schedule: Schedule | None = None) -> Schedule:
         """Set up the run's files, plan (or reload) the schedule, restore checkpoints on --resume."""
@@ -511,25 +535,45 @@ class MultiJobTrainer:
             for job in self.jobs.values():
                 if job.status == "running":
                     self._restore(job)
-                if job.status == "finished" and self.publishes_when_finished and self.is_reporter:
-                    if not (self.output_dir / job.name / "adapter_model.safetensors").is_file():
-                        self.publish_adapter(job)
+                if job.status == "finished" and not job.published and self.publishes_when_finished and self.is_reporter:
+                    self.publish_adapter(job)
             if self.is_reporter:
                 self._truncate_metrics()
         self._bars = self._progress_bars() if self.is_reporter else {}
-        self._tensorboard = _tensorboard_writer(self.output_dir / "tensorboard") if self.is_reporter else None
+        self._tensorboard = None
+        if self.is_reporter:
+            refuse_links(self.output_dir, self.output_dir / TENSORBOARD_DIR)
+            self._tensorboard = _tensorboard_writer(self.output_dir / TENSORBOARD_DIR)
         return schedule
 
     def prepare_run(self, resume: bool, schedule: Schedule | None) -> Schedule:
-        """Run-level files (base model, schedule.json) and the schedule; a fresh run clears what a
-        previous run left in output_dir."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.config.model.path is None:
-            self._save_inline_base_model(overwrite=not resume)
-        schedule = schedule or self.plan(resume)
-        if not resume:
-            self._clear_previous_run()
-        return schedule
+        """Claim output_dir for the run (see output_dir.py: a fresh run needs a new or empty one, or
+        --overwrite, which replaces only an earlier run's outputs), then the run-level files (base
+        model, schedule.json) and the schedule."""
+        self.run_directory = RunDirectory.claim(
+            self.output_dir, [*RUN_ENTRIES, *self.jobs], resume=resume, overwrite=self.config.overwrite
+        )
+        self._run_id = self.run_directory.run_id
+        try:
+            if self.config.model.path is None:
+                self._save_inline_base_model(keep_complete=resume)
+            return schedule or self.plan(resume)
+        except BaseException:
+            self.release_output_dir()
+            raise
+
+    @property
+    def run_id(self) -> str:
+        """The run's id, from its marker on processes other than the one that claimed output_dir."""
+        if self._run_id is None:
+            self._run_id = run_id_of(self.output_dir)
+        return self._run_id
+
+    def release_output_dir(self) -> None:
+        """Let another run use output_dir: at the end of the run (the lock also goes when the
+        process ends, however it ends)."""
+        if self.run_directory is not None:
+            self.run_directory.release()
 
     def live_refs(self, microbatch) -> list:
         """The microbatch's samples still to train: of known, running jobs, in global batches not
@@ -543,6 +587,7 @@ class MultiJobTrainer:
         ]
 
     def finish(self, microbatches_run: int) -> TrainResult:
+        self.release_output_dir()
         result = self._result(microbatches_run)
         if self.progress and self.is_reporter:
             print_summary(result)
@@ -612,7 +657,7 @@ class MultiJobTrainer:
     def _write_status(self, job: JobRun) -> None:
         if not self.is_reporter:
             return
-        _write_atomically(self.output_dir / job.name / STATUS_FILE, {"status": job.status, "failure": job.failure})
+        write_atomically(self.output_dir / job.name / STATUS_FILE, status_record(self.run_id, job), root=self.output_dir)
 
     def reduce_gradients(self, job: JobRun) -> None:
         """Data-parallel engines sum the job's gradients (and its loss) over replicas here."""
@@ -660,8 +705,7 @@ class MultiJobTrainer:
             "tokens_per_s": job.tokens_seen / elapsed if elapsed > 0 else 0.0,
             "elapsed_s": elapsed,
         }
-        with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as out:
-            out.write(json.dumps(record) + "\n")
+        append_line(self.output_dir / METRICS_FILE, json.dumps(record) + "\n", root=self.output_dir)
         if self._tensorboard is not None:
             for key in ("loss", "lr", "tokens_per_s"):
                 self._tensorboard.add_scalar(f"{job.name}/{key}", record[key], job.step)
@@ -671,15 +715,21 @@ class MultiJobTrainer:
 
     # ---- reporting ------------------------------------------------------------------------------
 
-    def _save_inline_base_model(self, overwrite: bool) -> None:
+    def _save_inline_base_model(self, keep_complete: bool) -> None:
         """An inline model exists only as a seed: save it, so PEFT and `lorafusion generate` can
-        load the trained adapters onto the same weights (a resumed run keeps the saved one)."""
-        target = self.output_dir / "base_model"
-        if (target / "config.json").is_file() and not overwrite:
+        load the trained adapters onto the same weights. It is published whole (see
+        publish_files): a resumed run keeps a complete one and saves again one a kill cut short."""
+        target = self.output_dir / BASE_MODEL_DIR
+        if keep_complete and is_complete(target):
             return
-        fresh = build_base_model(self.config.model, "cpu")
-        fresh.save_pretrained(target)
-        self.tokenizer.save_pretrained(target)
+        refuse_links(self.output_dir, target)
+        staging = staging_directory(target)
+        try:
+            build_base_model(self.config.model, "cpu").save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            publish_files(staging, target, root=self.output_dir)
+        finally:
+            discard(staging)
 
     def _progress_bars(self) -> dict:
         if not self.progress:

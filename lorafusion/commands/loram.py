@@ -72,9 +72,11 @@ def _print_report(report: dict[str, float]) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
+    from lorafusion.loram.prune_map import PRUNE_MAP_FILE
     from lorafusion.runtime.output_dir import claim_model_directory
 
-    with claim_model_directory(args.out, args.overwrite):  # before any work: a refusal comes at once
+    # Before any work, so that a refusal comes at once.
+    with claim_model_directory(args.out, args.overwrite, expected=("config.json", PRUNE_MAP_FILE)):
         return _prune_into(Path(args.out), args)
 
 

@@ -98,7 +98,8 @@ def align(
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     model_dir, output_dir = Path(model_dir), Path(output_dir)
-    with claim_model_directory(output_dir, overwrite):  # locked while align writes there
+    expected = tuple(p.name for p in model_dir.glob("*") if p.is_file() and not p.name.startswith("."))
+    with claim_model_directory(output_dir, overwrite, expected):  # locked while align writes there
         if tokenizer is None:
             try:
                 tokenizer_model = load_tokenizer(model_dir)

@@ -287,12 +287,19 @@ def directory_entries(directory: Path) -> list[str]:
     return sorted(entry.name for entry in directory.iterdir() if entry.name != LOCK_FILE)
 
 
-def claim_model_directory(target: str | os.PathLike, overwrite: bool) -> DirectoryLock:
+def claim_model_directory(target: str | os.PathLike, overwrite: bool, expected: tuple[str, ...] = ()) -> DirectoryLock:
     """Take `target` for a model that publish_files will write there, and lock it: a new or empty
     directory; one lorafusion published into before only with `overwrite`; one holding other
-    files only with `overwrite` (they are kept, and never replaced)."""
+    files only with `overwrite` (they are kept, and never replaced: `expected`, the names the
+    model will have, are checked now, so that a long job is not refused at its first save)."""
     target = Path(target)
     entries = directory_entries(target)
+    owned = manifest_files(target) or set()
+    in_the_way = sorted(name for name in expected if name in entries and name not in owned)
+    if in_the_way and overwrite:
+        raise OutputDirError(
+            f"{target / in_the_way[0]} was not written by lorafusion; it is never replaced: move it away or choose another directory"
+        )
     if entries and not overwrite:
         if manifest_files(target) is not None:
             raise OutputDirError(

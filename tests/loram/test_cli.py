@@ -13,6 +13,7 @@ from lorafusion import LoRAConfig, apply_lora, save_adapter
 from lorafusion.cli import main
 from lorafusion.loram import PruneMap, load_pruned_model
 from lorafusion.loram.align import align
+from lorafusion.runtime.output_dir import LOCK_FILE
 
 
 def test_prune_align_report_recover(tmp_path, capsys):
@@ -49,3 +50,52 @@ def test_prune_align_report_recover(tmp_path, capsys):
     assert main(["loram", "recover", "--adapter", str(tmp_path / "nowhere"), "--prune-map", str(tmp_path / "aligned"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "is not an adapter directory" in capsys.readouterr().err
+
+
+def _snapshot(directory):
+    """Every file's bytes, but the lock file, which lorafusion may leave beside them."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
+
+
+def test_prune_and_align_never_replace_or_delete_what_they_did_not_write(tmp_path, capsys):
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=260, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "original")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "the cat sat. " * (1 + i % 3)}) + "\n" for i in range(8)))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    (mine / "config.json").write_text('{"mine": true}')
+    before = _snapshot(mine)
+    prune = ["loram", "prune", "--model", str(tmp_path / "original"), "--ratio", "0.5"]
+    align = ["loram", "align", "--model", str(tmp_path / "pruned"), "--data", str(corpus), "--steps", "2",
+             "--tokens-per-step", "64", "--checkpoint-every", "1"]
+
+    # A directory holding other files: refused, and left as it was.
+    assert main(prune + ["--out", str(mine)]) == 2
+    error = capsys.readouterr().err
+    assert f"{mine} is not empty and was not written by lorafusion" in error and "--overwrite" in error
+    # --overwrite writes beside them, but never over a file lorafusion did not write.
+    assert main(prune + ["--out", str(mine), "--overwrite"]) == 2
+    assert f"{mine / 'config.json'} was not written by lorafusion" in capsys.readouterr().err
+    assert _snapshot(mine) == before
+
+    assert main(prune + ["--out", str(tmp_path / "pruned")]) == 0
+    assert main(align + ["--out", str(mine)]) == 2
+    assert "not written by lorafusion" in capsys.readouterr().err
+    assert _snapshot(mine) == before
+
+    # An earlier output is replaced only with --overwrite, and files put beside it stay.
+    (mine / "config.json").unlink()
+    assert main(align + ["--out", str(mine), "--overwrite"]) == 0
+    assert (mine / "notes.txt").read_text() == "precious"
+    assert load_pruned_model(mine) is not None
+    aligned = _snapshot(mine)
+    assert main(align + ["--out", str(mine)]) == 2
+    assert "holds an earlier lorafusion output; pass --overwrite" in capsys.readouterr().err
+    assert _snapshot(mine) == aligned
+    assert main(prune + ["--out", str(mine), "--overwrite", "--seed", "1"]) == 0
+    assert (mine / "notes.txt").read_text() == "precious"
+    assert load_pruned_model(mine) is not None

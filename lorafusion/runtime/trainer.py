@@ -80,6 +80,8 @@ class JobRun:
     status: str = "running"  # "running" | "finished" | "failed"
     failure: str | None = None
     batch_loss: float = 0.0
+    # This global batch's loss so far, summed on the device: read back once, at the job's step.
+    pending_loss: torch.Tensor | None = None
     batch_tokens: int = 0
     tokens_seen: int = 0
     last_loss: float = math.nan
@@ -109,6 +111,13 @@ class TrainResult:
     microbatches_run: int
     elapsed_s: float
     interrupted: bool = False
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value is finite, read back from the device once rather than once per tensor."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _tensorboard_writer(log_dir: Path):
@@ -610,19 +619,27 @@ class MultiJobTrainer:
 
     def _run_microbatch(self, position: int, refs: list) -> None:
         # Every operation is per token or per sample (packed attention, per-segment adapters), so a
-        # job's non-finite values stay in its own rows: it fails, and the others' losses go on.
+        # job's non-finite values stay in its own rows and gradients: it fails at its step, and the
+        # others' losses go on. Nothing is read back here: a read per microbatch would make the host
+        # wait for the device's queue to drain before it could queue the next microbatch.
         losses = self._forward(position, refs)
-        for name, loss in list(losses.items()):
-            if not torch.isfinite(loss):
-                global_batch = next(ref.global_batch for ref in refs if ref.job == name)
-                self._fail(self.jobs[name], f"non-finite loss ({loss.item()}) in global batch {global_batch}")
-                del losses[name]
-        if not losses:
-            return
         sum(losses.values()).backward()
         for name, loss in losses.items():
-            self.jobs[name].batch_loss += loss.item()
+            job = self.jobs[name]
+            loss = loss.detach()
+            job.pending_loss = loss if job.pending_loss is None else job.pending_loss + loss
         self.count_trained([ref for ref in refs if self.jobs[ref.job].status == "running"])
+
+    def _read_back_loss(self, job: JobRun, global_batch: int) -> None:
+        """Add the loss summed on the device to batch_loss (one read per job step); a non-finite one
+        fails the job, as its gradients and its metrics would be meaningless."""
+        if job.pending_loss is None:
+            return
+        loss, job.pending_loss = float(job.pending_loss), None
+        if not math.isfinite(loss):
+            self._fail(job, f"non-finite loss ({loss}) in global batch {global_batch}")
+            return
+        job.batch_loss += loss
 
     def count_trained(self, refs: list) -> None:
         """Book the samples as trained (their gradients are in); step each job whose global batch
@@ -663,6 +680,7 @@ class MultiJobTrainer:
         """Data-parallel engines sum the job's gradients (and its loss) over replicas here."""
 
     def _step(self, job: JobRun, global_batch: int) -> None:
+        self._read_back_loss(job, global_batch)
         self.reduce_gradients(job)  # first: data-parallel replicas all take part, and may report a failure
         if job.status == "failed":  # a pipeline still carries a failed job's samples; it never steps again
             job.optimizer.zero_grad(set_to_none=True)
@@ -670,13 +688,13 @@ class MultiJobTrainer:
         if global_batch != job.step:
             raise RuntimeError(f"job {job.name!r}: global batch {global_batch} completed before batch {job.step} (schedule out of order)")
         params = list(job.named_parameters.values())
-        if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
+        if not _all_finite([p.grad for p in params if p.grad is not None]):
             self._fail(job, f"non-finite gradient at step {job.step + 1}")
             return
         job.optimizer.step()
         job.lr_scheduler.step()
         job.optimizer.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(p).all() for p in params):
+        if not _all_finite(params):
             self._fail(job, f"non-finite parameters after step {job.step + 1}")
             return
         job.step += 1

@@ -3,8 +3,7 @@
 Every read of a device value on the host (`.item()`, `.tolist()`, `.cpu()`, `.numpy()`, `bool()`,
 `int()`, `float()` of a tensor, an op whose output size depends on the data, a copy to the CPU)
 makes the CPU wait for the GPU's queue to drain: once per layer it starves the GPU, and it forbids
-CUDA graphs. The counter below records every such call made by our code (the Triton interpreter,
-which stands in for the GPU and reads tensors to run kernels in numpy, is not our code) while a
+CUDA graphs. The counter (tests/host_sync.py) records every such call made by our code while a
 layer runs forward and backward; the layers must make none.
 
 On the CPU this finds the calls that would sync on a GPU; on a CUDA machine (benchmarks/gpu_check.py
@@ -14,14 +13,11 @@ runs this file there) it also sees every copy to the host that really happens.
 from __future__ import annotations
 
 import os
-import sys
-import traceback
 
 import pytest
 import torch
+from host_sync import HostSyncCounter, run_counted
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lorafusion.modules import FusedLoRALinear
 from lorafusion.modules.multi_lora_linear import MultiLoRABatch, MultiLoRALinear, multi_lora_batch
@@ -37,129 +33,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 TRITON_RUNS = triton is not None and (DEVICE.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not TRITON_RUNS, reason="no CUDA and no interpreter"))]
-
-_SYNCING_METHODS = {
-    torch.Tensor.item: ".item()",
-    torch.Tensor.tolist: ".tolist()",
-    torch.Tensor.cpu: ".cpu()",
-    torch.Tensor.numpy: ".numpy()",
-    torch.Tensor.__bool__: "bool(tensor)",
-    torch.Tensor.__int__: "int(tensor)",
-    torch.Tensor.__float__: "float(tensor)",
-    torch.Tensor.__index__: "tensor as an index",
-}
-# Ops whose output size depends on the values: the host must read them back to allocate.
-_DATA_DEPENDENT_OPS = ("nonzero", "masked_select", "unique", "_unique", "unique_consecutive", "_unique2", "argwhere")
-_LIBRARIES = tuple(os.path.dirname(module.__file__) + os.sep for module in (torch, triton) if module is not None)
-_COUNTER_FRAMES = {"_record", "_call", "__torch_function__", "__torch_dispatch__", "shim"}
-_INTERPRETER = os.path.dirname(triton.__file__) + os.sep if triton is not None else None
-
-
-class HostSyncCounter:
-    """Records, as "what at file:line", every host read of device data that our code makes inside.
-
-    A TorchFunctionMode sees the Python-level calls (`.tolist()`, `.cpu()`, ... are no-ops on CPU
-    tensors and never reach the dispatcher, yet sync on a GPU). Autograd does not carry function
-    modes into backward, so there the same methods are caught by wrapping them on torch.Tensor for
-    the duration. A TorchDispatchMode, which autograd does carry, sees what reaches the dispatcher
-    in both passes: scalar reads (`aten._local_scalar_dense`, also from C++), data-dependent
-    sizes, boolean indexing and copies from a device to the CPU.
-    """
-
-    def __init__(self) -> None:
-        self.events: list[str] = []
-        self._depth = 0  # inside a call already recorded: do not record its parts again
-
-    def _record(self, what: str) -> None:
-        stack = traceback.extract_stack()
-        if _INTERPRETER is not None and any(frame.filename.startswith(_INTERPRETER) for frame in stack):
-            return  # the Triton interpreter running a kernel: on a GPU no host code does this
-        ours = [
-            frame
-            for frame in stack
-            if not frame.filename.startswith(_LIBRARIES) and not (frame.filename == __file__ and frame.name in _COUNTER_FRAMES)
-        ]
-        where = f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "?"
-        self.events.append(f"{what} at {where}")
-
-    def _call(self, what, func, *args, **kwargs):
-        if self._depth == 0:
-            self._record(what)
-        self._depth += 1
-        try:
-            return func(*args, **kwargs)
-        finally:
-            self._depth -= 1
-
-    def __enter__(self) -> HostSyncCounter:
-        counter = self
-
-        class Functions(TorchFunctionMode):
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                if func in _SYNCING_METHODS:
-                    return counter._call(_SYNCING_METHODS[func], func, *args, **kwargs)
-                return func(*args, **kwargs)
-
-        class Dispatch(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                kwargs = kwargs or {}
-                what = counter._dispatch_sync(func, args, kwargs)
-                if what is not None:
-                    return counter._call(what, func, *args, **kwargs)
-                return func(*args, **kwargs)
-
-        self._originals = {}
-        for method in (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu):
-            self._originals[method.__name__] = method
-            setattr(torch.Tensor, method.__name__, self._backward_shim(method))
-        self._modes = [Dispatch(), Functions()]
-        for mode in self._modes:
-            mode.__enter__()
-        return self
-
-    def _backward_shim(self, method):
-        what = _SYNCING_METHODS[method]
-
-        def shim(tensor, *args, **kwargs):
-            if torch._C._is_torch_function_mode_enabled():  # forward: the function mode sees it
-                return method(tensor, *args, **kwargs)
-            return self._call(what, method, tensor, *args, **kwargs)
-
-        return shim
-
-    def __exit__(self, *exc) -> None:
-        for mode in reversed(self._modes):
-            mode.__exit__(*exc)
-        for name, method in self._originals.items():
-            setattr(torch.Tensor, name, method)
-
-    @staticmethod
-    def _dispatch_sync(func, args, kwargs) -> str | None:
-        name = func.overloadpacket.__name__
-        if name == "_local_scalar_dense":
-            return "a scalar read"
-        if name in _DATA_DEPENDENT_OPS:
-            return f"aten.{name} (data-dependent size)"
-        if name == "repeat_interleave" and kwargs.get("output_size") is None and isinstance(args[0], torch.Tensor) and args[0].dim() > 0 and len(args) < 2:
-            return "aten.repeat_interleave without output_size"
-        if name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in (args[1] or ())
-        ):
-            return f"aten.{name} with a boolean mask"
-        if name in ("_to_copy", "copy_", "to"):
-            source = args[1] if name == "copy_" else args[0]
-            target = args[0].device if name == "copy_" else kwargs.get("device")
-            if isinstance(source, torch.Tensor) and source.device.type != "cpu" and target is not None and torch.device(target).type == "cpu":
-                return f"aten.{name} from {source.device} to the CPU"
-        return None
-
-
-def run_counted(step) -> list[str]:
-    with HostSyncCounter() as counter:
-        step()
-    return counter.events
-
 
 # ----------------------------------------------------------------------------------------------
 # The counter itself: it must see each kind of sync, in forward and in backward.
@@ -195,7 +68,7 @@ SYNCS = {
 @pytest.mark.parametrize("kind", list(SYNCS))
 def test_counter_sees_each_sync_in_forward_and_in_backward(kind):
     x = torch.randn(4, requires_grad=True)
-    with HostSyncCounter() as counter:
+    with HostSyncCounter(x.device) as counter:
         y = _Syncing.apply(x, SYNCS[kind])
         forward_events = list(counter.events)
         y.sum().backward()
@@ -211,6 +84,20 @@ def test_counter_ignores_plain_compute_and_restores_tensor_methods():
     x = torch.randn(8, 8, requires_grad=True)
     assert run_counted(lambda: (x @ x).relu().sum().backward()) == []
     assert (torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu) == before
+
+
+def test_values_born_on_the_host_are_not_device_data():
+    x = torch.randn(8)
+
+    def step():
+        seed = int(torch.randint(0, 2**31 - 1, ()))  # a host-side draw, as a dropout seed is
+        torch.arange(4)[torch.arange(4) > 1].tolist()  # host bookkeeping
+        scaled = torch.full((8,), 2.0, device=x.device) * seed  # made for the device: device data
+        return x + scaled
+
+    assert run_counted(step) == []
+    assert len(run_counted(lambda: float((x + torch.randint(0, 5, ())).sum()))) == 1
+    assert len(run_counted(lambda: torch.zeros(3, device=x.device).tolist())) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +130,7 @@ def test_fused_lora_linear_forward_backward_makes_no_host_sync(backend, quantize
     nn.init.normal_(layer.lora_B)
     layer.train()
     x = _input(32, 64)
-    assert run_counted(_forward_backward(layer, x)) == []
+    assert run_counted(_forward_backward(layer, x), DEVICE) == []
     _assert_lora_gradients(layer)
     assert x.grad is not None
 
@@ -263,7 +150,7 @@ def test_multi_lora_linear_forward_backward_makes_no_host_sync(backend, quantize
     # The batch's metadata is built once per microbatch, before the layers run (multi_lora_batch
     # does this on entry); what is counted is the per-layer work.
     with multi_lora_batch(layer, batch):
-        assert run_counted(_forward_backward(layer, x)) == []
+        assert run_counted(_forward_backward(layer, x), DEVICE) == []
     _assert_lora_gradients(layer)
     assert layer.lora_A["c"].grad is None  # no tokens, no gradient: the batch really was mixed
 
@@ -272,7 +159,7 @@ def test_multi_lora_linear_forward_backward_makes_no_host_sync(backend, quantize
 def test_nf4_linear_without_adapter_makes_no_host_sync(backend):
     layer = NF4Linear.from_linear(nn.Linear(64, 48, dtype=DTYPE, device=DEVICE), backend=backend)
     x = _input(16, 64)
-    assert run_counted(lambda: layer(x).float().sum().backward()) == []
+    assert run_counted(lambda: layer(x).float().sum().backward(), DEVICE) == []
     assert x.grad is not None
 
 

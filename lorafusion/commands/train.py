@@ -46,8 +46,18 @@ def _run(config, args):
     )
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"lorafusion train: warning: {message}", file=sys.stderr)
+def _one_line_run_state_warnings(show_other):
+    """A warnings.showwarning that prints the runtime's warnings about damaged run state in one
+    line each, as the errors are, and leaves other libraries' warnings to `show_other`."""
+    from lorafusion.runtime.run_state import RunStateWarning
+
+    def show(message, category, *args, **kwargs) -> None:
+        if issubclass(category, RunStateWarning):
+            print(f"lorafusion train: warning: {message}", file=sys.stderr)
+        else:
+            show_other(message, category, *args, **kwargs)
+
+    return show
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, overwrite=getattr(args, "overwrite", False))
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = _show_warning  # one line each, as the errors are
+            warnings.showwarning = _one_line_run_state_warnings(warnings.showwarning)
             result = _run(config, args)
     except ValueError as error:  # a problem found before training (layout, process count, ...)
         print(f"lorafusion train: {error}", file=sys.stderr)

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from lorafusion.modules import multi_lora_batch
+from lorafusion.runtime.output_dir import PIPELINE_STATS_DIR, write_atomically
 from lorafusion.runtime.packing import per_token_loss
 from lorafusion.runtime.trainer import JobRun, MultiJobTrainer, TrainResult
 from lorafusion.scheduler import Schedule
@@ -161,7 +162,8 @@ class PipelineTrainer(MultiJobTrainer):
             try:
                 payload[0] = super().prepare_run(resume, schedule)
             except Exception as error:  # noqa: BLE001 - re-raised on every rank below
-                payload[0] = RuntimeError(str(error))
+                # A ValueError (a refused output_dir, changed data, ...) stays one: the CLI prints it in one line.
+                payload[0] = (ValueError if isinstance(error, ValueError) else RuntimeError)(str(error))
         dist.broadcast_object_list(payload, src=0)
         if isinstance(payload[0], Exception):
             raise payload[0]
@@ -224,9 +226,7 @@ class PipelineTrainer(MultiJobTrainer):
             "busy_s": sum(seconds for _, _, seconds in self._compute_log),
             "compute": self._compute_log,
         }
-        path = self.output_dir / "pipeline_stats" / f"stage-{self.stage_index}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(stats))
+        write_atomically(self.output_dir / PIPELINE_STATS_DIR / f"stage-{self.stage_index}.json", json.dumps(stats), root=self.output_dir)
 
     def _shape(self, slot) -> tuple[int, int, int]:
         # A tuple: megatron's combined send/recv calls take a list as a list of shapes.

@@ -1,10 +1,11 @@
-// Counter-based dropout RNG of the CUDA backend: Philox-4x32-10 keyed by the 64-bit seed and
-// counted by the element's logical position row * cols + col (64-bit), as Triton's
-// tl.rand(seed, offset) does for int64 offsets (triton 3.x: key = (seed_lo, seed_hi), counter =
-// (offset_lo, offset_hi, 0, 0), first output word, int32 -> [0, 1) float). The mask therefore
-// equals the Triton kernels' mask bit for bit (checked on the CPU against triton 3.9 by
-// tests/kernels/test_cuda_extension.py), and forward and backward regenerate the same bit with any
-// tiling. Host-callable too, so the CPU tests can compile and check it without a GPU.
+// Counter-based dropout RNG of the CUDA backend: Philox-4x32-10 keyed by the 64-bit seed; element
+// (row, col) of a row-major [*, cols] matrix takes word col % 4 of the counter
+// row * ceil(cols / 4) + col / 4 (64-bit), as the Triton kernels' keep_mask does with
+// tl.rand4x (key = (seed_lo, seed_hi), counter = (offset_lo, offset_hi, 0, 0), int32 -> [0, 1)
+// float). The mask therefore equals the Triton kernels' and the torch backend's bit for bit
+// (checked on the CPU by tests/kernels/test_cuda_extension.py), and forward and backward
+// regenerate the same bit with any tiling. Host-callable too, so the CPU tests can compile and
+// check it without a GPU.
 #pragma once
 
 #include <cstdint>
@@ -25,8 +26,8 @@ LORAFUSION_HOST_DEVICE uint32_t mul_hi_u32(uint32_t a, uint32_t b) {
 #endif
 }
 
-// First output word of Philox-4x32-10 for key (seed_lo, seed_hi) and counter (offset_lo, offset_hi, 0, 0).
-LORAFUSION_HOST_DEVICE uint32_t philox_first_word(uint64_t seed, uint64_t offset) {
+// Output word `word` (0..3) of Philox-4x32-10 for key (seed_lo, seed_hi) and counter (offset_lo, offset_hi, 0, 0).
+LORAFUSION_HOST_DEVICE uint32_t philox_word(uint64_t seed, uint64_t offset, int word) {
   constexpr uint32_t kKeyA = 0x9E3779B9u, kKeyB = 0xBB67AE85u;
   constexpr uint32_t kRoundA = 0xD2511F53u, kRoundB = 0xCD9E8D57u;
   uint32_t c0 = static_cast<uint32_t>(offset), c1 = static_cast<uint32_t>(offset >> 32), c2 = 0u, c3 = 0u;
@@ -43,13 +44,13 @@ LORAFUSION_HOST_DEVICE uint32_t philox_first_word(uint64_t seed, uint64_t offset
     k0 += kKeyA;
     k1 += kKeyB;
   }
-  return c0;
+  return word == 0 ? c0 : word == 1 ? c1 : word == 2 ? c2 : c3;
 }
 
 // Uniform [0, 1) float from the word exactly as Triton's uint_to_uniform_float: as int32, negative
 // values complemented, converted to float (round to nearest) and multiplied in fp32.
-LORAFUSION_HOST_DEVICE float philox_uniform(uint64_t seed, uint64_t offset) {
-  int32_t bits = static_cast<int32_t>(philox_first_word(seed, offset));
+LORAFUSION_HOST_DEVICE float philox_uniform(uint64_t seed, uint64_t offset, int word) {
+  int32_t bits = static_cast<int32_t>(philox_word(seed, offset, word));
   bits = bits < 0 ? ~bits : bits;
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(__int2float_rn(bits), 4.6566127342e-10f);
@@ -60,7 +61,9 @@ LORAFUSION_HOST_DEVICE float philox_uniform(uint64_t seed, uint64_t offset) {
 
 // Dropout keeps element (row, col) of a row-major [*, cols] matrix when its uniform is >= p.
 LORAFUSION_HOST_DEVICE bool keep_element(uint64_t seed, int64_t row, int64_t col, int64_t cols, float dropout_p) {
-  return philox_uniform(seed, static_cast<uint64_t>(row * cols + col)) >= dropout_p;
+  const int64_t quads_per_row = (cols + 3) / 4;
+  return philox_uniform(seed, static_cast<uint64_t>(row * quads_per_row + col / 4), static_cast<int>(col % 4)) >=
+         dropout_p;
 }
 
 }  // namespace lorafusion

@@ -10,9 +10,10 @@ from .utils import keep_mask, triton, tl
 
 @triton.jit
 def _keep_mask_kernel(out_ptr, M, K, seed, dropout_p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    keep = keep_mask(seed, rows, cols, K, dropout_p)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_start = tl.program_id(1) * BLOCK_K
+    cols = col_start + tl.arange(0, BLOCK_K)
+    keep = keep_mask(seed, rows, col_start, K, dropout_p, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], keep, mask=(rows[:, None] < M) & (cols[None, :] < K))
 
 
@@ -20,7 +21,7 @@ def triton_keep_mask(
     seed: int, rows: int, cols: int, dropout_p: float, device: torch.device, block: tuple[int, int] = (32, 32)
 ) -> torch.Tensor:
     """The [rows, cols] bool keep-mask that the fused kernels use for this seed and p (`block`:
-    the tile shape that generates it, which must not matter)."""
+    the tile shape that generates it, which must not matter; its column count a multiple of 4)."""
     out = torch.empty((rows, cols), dtype=torch.bool, device=device)
     grid = (triton.cdiv(rows, block[0]), triton.cdiv(cols, block[1]))
     _keep_mask_kernel[grid](out, rows, cols, seed, dropout_p, BLOCK_M=block[0], BLOCK_K=block[1])

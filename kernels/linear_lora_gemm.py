@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .utils import autotune_configs, dot_precision, rank_block, tile_dot, triton, tl, upcast_dots
+from .utils import (
+    autotune_configs, dot_precision, m_bucket, prune_by_footprint, rank_block, tile_dot, triton, tl, upcast_dots,
+)
 
 
 def _gemm_configs():
@@ -19,11 +21,25 @@ def _gemm_configs():
             triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            # Wide rank tiles (r > 64) and fp32: S [BLOCK_M, BLOCK_R] and B [BLOCK_R, BLOCK_N] are
+            # staged in shared memory beside the pipelined X and W tiles.
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
         ]
     )
 
 
-@triton.autotune(configs=_gemm_configs(), key=["M", "N", "K", "BLOCK_R"])
+def _gemm_footprint(config, element_bytes, BLOCK_R, **_):
+    block_m, block_n, block_k = (config.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    shared = (config.num_stages * (block_m + block_n) * block_k + (block_m + block_n) * BLOCK_R) * element_bytes
+    return shared, block_m * block_n
+
+
+# Keyed on a power-of-two bucket of M, not M: every new microbatch length would re-benchmark.
+@triton.autotune(
+    configs=_gemm_configs(),
+    key=["M_BUCKET", "N", "K", "BLOCK_R"],
+    prune_configs_by={"early_config_prune": prune_by_footprint(_gemm_footprint)},
+)
 @triton.jit
 def _linear_lora_gemm_kernel(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
@@ -31,6 +47,7 @@ def _linear_lora_gemm_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr, stride_bn, stride_br,
     stride_ym, stride_yn,
     scaling,
+    M_BUCKET,
     HAS_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -50,8 +67,9 @@ def _linear_lora_gemm_kernel(
     pid_m = first_m + (pid % group_size) % group_rows
     pid_n = (pid % group_size) // group_rows
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 offsets: tokens x width passes 2^31 on large layers.
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     ranks = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     col_ok = cols < N
@@ -109,6 +127,7 @@ def linear_lora_gemm(
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         scaling,
+        m_bucket(M),
         HAS_BIAS=bias is not None,
         BLOCK_R=rank_block(R),
         UPCAST=upcast_dots(x.dtype),

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .utils import autotune_configs, dot_precision, keep_mask, rank_block, tile_dot, triton, tl, upcast_dots
+from .utils import (
+    autotune_configs, dot_precision, keep_factor, m_bucket, prune_by_footprint, rank_block, tile_dot, triton, tl,
+    upcast_dots,
+)
 
 
 def _down_configs():
@@ -17,19 +20,35 @@ def _down_configs():
             triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_M": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=4),
             triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+            # Few rows per program: enough programs to fill the GPU at a few thousand tokens.
+            triton.Config({"BLOCK_M": 16, "BLOCK_K": 128}, num_warps=4, num_stages=4),
+            # Wide rank tiles (r > 64).
+            triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
         ]
     )
 
 
-@triton.autotune(configs=_down_configs(), key=["K", "BLOCK_R", "HAS_DROPOUT"])
+def _down_footprint(config, element_bytes, BLOCK_R, HAS_DROPOUT, **_):
+    block_m, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    shared = config.num_stages * (block_m * block_k + block_k * BLOCK_R) * element_bytes
+    if HAS_DROPOUT:
+        shared += block_m * block_k * 4
+    return shared, block_m * BLOCK_R
+
+
+@triton.autotune(
+    configs=_down_configs(),
+    key=["K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"],
+    prune_configs_by={"early_config_prune": prune_by_footprint(_down_footprint)},
+)
 @triton.jit
 def _lora_down_kernel(
     x_ptr, a_ptr, s_ptr,
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     seed, dropout_p,
+    M_BUCKET,
     HAS_DROPOUT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -37,7 +56,8 @@ def _lora_down_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 row offsets: tokens x width passes 2^31 on large layers.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -50,7 +70,7 @@ def _lora_down_kernel(
         if UPCAST:
             x = x.to(tl.float32)
         if HAS_DROPOUT:
-            x = tl.where(keep_mask(seed, rows, cols, K, dropout_p), x, 0.0)
+            x = x * keep_factor(seed, rows, k0, K, dropout_p, BLOCK_K).to(x.dtype)
         a_t = tl.load(
             a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
             mask=(ranks[None, :] < R) & (cols[:, None] < K),
@@ -78,6 +98,7 @@ def lora_down(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int
         M, K, R,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
         seed, dropout_p,
+        m_bucket(M),
         HAS_DROPOUT=dropout_p > 0.0,
         BLOCK_R=rank_block(R),
         UPCAST=upcast_dots(x.dtype),

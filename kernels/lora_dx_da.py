@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .utils import autotune_configs, dot_precision, keep_mask, rank_block, tile_dot, triton, tl, upcast_dots
+from .utils import (
+    autotune_configs, dot_precision, keep_factor, m_bucket, prune_by_footprint, rank_block, tile_dot, triton, tl,
+    upcast_dots,
+)
 
 
 def _dx_da_configs():
@@ -22,17 +25,35 @@ def _dx_da_configs():
             triton.Config({"BLOCK_M": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_M": 128, "BLOCK_K": 128}, num_warps=8, num_stages=3),
             triton.Config({"BLOCK_M": 32, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+            # Wide rank tiles (r > 64): the dA share [BLOCK_R, BLOCK_K] lives in registers.
+            triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_M": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
         ]
     )
 
 
-@triton.autotune(configs=_dx_da_configs(), key=["K", "BLOCK_R", "HAS_DROPOUT", "WRITE_DX"], reset_to_zero=["da_ptr"])
+def _dx_da_footprint(config, element_bytes, BLOCK_R, HAS_DROPOUT, WRITE_DX, **_):
+    block_m, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    shared = (config.num_stages * (block_m * BLOCK_R + block_m * block_k) + BLOCK_R * block_k) * element_bytes
+    if HAS_DROPOUT:
+        shared += block_m * block_k * 4
+    accumulators = BLOCK_R * block_k + (block_m * block_k if WRITE_DX else 0)
+    return shared, accumulators
+
+
+@triton.autotune(
+    configs=_dx_da_configs(),
+    key=["K", "BLOCK_R", "HAS_DROPOUT", "WRITE_DX", "M_BUCKET"],
+    reset_to_zero=["da_ptr"],
+    prune_configs_by={"early_config_prune": prune_by_footprint(_dx_da_footprint)},
+)
 @triton.jit
 def _lora_dx_da_kernel(
     ds_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
     M, K, R,
     stride_dsm, stride_dsr, stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
     seed, dropout_p,
+    M_BUCKET,
     HAS_DROPOUT: tl.constexpr,
     WRITE_DX: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -41,7 +62,8 @@ def _lora_dx_da_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_start = tl.program_id(0) * BLOCK_K
+    cols = col_start + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, BLOCK_R)
     col_ok = cols < K
     rank_ok = ranks < R
@@ -51,7 +73,7 @@ def _lora_dx_da_kernel(
         other=0.0,
     )
     blocks_per_program = tl.cdiv(tl.cdiv(M, BLOCK_M), tl.num_programs(1))
-    row_start = tl.program_id(1) * blocks_per_program * BLOCK_M
+    row_start = tl.program_id(1).to(tl.int64) * blocks_per_program * BLOCK_M
     row_end = tl.minimum(row_start + blocks_per_program * BLOCK_M, M)
     da = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
@@ -66,13 +88,15 @@ def _lora_dx_da_kernel(
         if UPCAST:
             x = x.to(tl.float32)
         if HAS_DROPOUT:
-            keep = keep_mask(seed, rows, cols, K, dropout_p)
-            x = tl.where(keep, x, 0.0)
+            # A 0/1 tile, not an i1 one: it is used in two layouts (a dot operand and the dX
+            # accumulator) and shared memory cannot hold 1-bit elements (see utils.keep_factor).
+            keep = keep_factor(seed, rows, col_start, K, dropout_p, BLOCK_K)
+            x = x * keep.to(x.dtype)
         da = tile_dot(tl.trans(ds), x, da, UPCAST, PRECISION)
         if WRITE_DX:
             dx = tile_dot(ds, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
             if HAS_DROPOUT:
-                dx = tl.where(keep, dx * (1.0 / (1.0 - dropout_p)), 0.0)
+                dx = dx * (keep * (1.0 / (1.0 - dropout_p)))
             tl.store(
                 dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
                 dx.to(dx_ptr.dtype.element_ty),
@@ -80,7 +104,11 @@ def _lora_dx_da_kernel(
             )
     if HAS_DROPOUT:
         da = da * (1.0 / (1.0 - dropout_p))
-    tl.atomic_add(da_ptr + ranks[:, None] * K + cols[None, :], da, mask=rank_ok[:, None] & col_ok[None, :])
+    # Relaxed: a plain reduction into dA, with no GPU-wide fence around it (nothing reads dA
+    # before the kernel ends).
+    tl.atomic_add(
+        da_ptr + ranks[:, None] * K + cols[None, :], da, mask=rank_ok[:, None] & col_ok[None, :], sem="relaxed"
+    )
 
 
 def _row_splits(M: int, K: int, device: torch.device) -> int:
@@ -114,6 +142,7 @@ def lora_dx_da(
         ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1),
         dx.stride(0), dx.stride(1),
         seed, dropout_p,
+        m_bucket(M),
         HAS_DROPOUT=dropout_p > 0.0,
         WRITE_DX=write_dx,
         BLOCK_R=rank_block(R),

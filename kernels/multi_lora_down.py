@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .segments import SegmentMeta, segment_block
-from .utils import autotune_configs, dot_precision, keep_mask, rank_block, tile_dot, triton, tl, upcast_dots
+from .utils import autotune_configs, dot_precision, keep_factor, prune_by_footprint, rank_block, tile_dot, triton, tl, upcast_dots
 
 
 def _configs():
@@ -19,11 +19,24 @@ def _configs():
             triton.Config({"BLOCK_K": 128}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_K": 128}, num_warps=8, num_stages=4),
             triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=2),  # wide rank tiles
         ]
     )
 
 
-@triton.autotune(configs=_configs(), key=["K", "BLOCK_R", "HAS_DROPOUT"])
+def _footprint(config, element_bytes, BLOCK_R, BLOCK_M, HAS_DROPOUT, **_):
+    block_k = config.kwargs["BLOCK_K"]
+    shared = config.num_stages * (BLOCK_M * block_k + block_k * BLOCK_R) * element_bytes
+    if HAS_DROPOUT:
+        shared += BLOCK_M * block_k * 4
+    return shared, BLOCK_M * BLOCK_R
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["K", "BLOCK_R", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": prune_by_footprint(_footprint)},
+)
 @triton.jit
 def _multi_lora_down_kernel(
     x_ptr, a_ptr, s_ptr,
@@ -54,7 +67,7 @@ def _multi_lora_down_kernel(
         if UPCAST:
             x = x.to(tl.float32)
         if HAS_DROPOUT:
-            x = tl.where(keep_mask(seed, rows, cols, K, tl.load(dropout_p_ptr + adapter)), x, 0.0)
+            x = x * keep_factor(seed, rows, k0, K, tl.load(dropout_p_ptr + adapter), BLOCK_K).to(x.dtype)
         a_t = tl.load(
             a_ptr + adapter_rows[None, :] * stride_ar + cols[:, None] * stride_ak,
             mask=rank_ok[None, :] & col_ok[:, None],

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .segments import SegmentMeta, segment_block
-from .utils import autotune_configs, dot_precision, keep_mask, rank_block, tile_dot, triton, tl, upcast_dots
+from .utils import autotune_configs, dot_precision, keep_factor, prune_by_footprint, rank_block, tile_dot, triton, tl, upcast_dots
 
 
 def _configs():
@@ -16,11 +16,25 @@ def _configs():
             triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_K": 128}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_K": 128}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=2),  # wide rank tiles
         ]
     )
 
 
-@triton.autotune(configs=_configs(), key=["K", "BLOCK_R", "HAS_DROPOUT", "WRITE_DX"], reset_to_zero=["da_ptr"])
+def _footprint(config, element_bytes, BLOCK_R, BLOCK_M, HAS_DROPOUT, WRITE_DX, **_):
+    block_k = config.kwargs["BLOCK_K"]
+    shared = (BLOCK_M * BLOCK_R + BLOCK_M * block_k + BLOCK_R * block_k) * element_bytes
+    if HAS_DROPOUT:
+        shared += BLOCK_M * block_k * 4
+    return shared, BLOCK_R * block_k + (BLOCK_M * block_k if WRITE_DX else 0)
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["K", "BLOCK_R", "HAS_DROPOUT", "WRITE_DX"],
+    reset_to_zero=["da_ptr"],
+    prune_configs_by={"early_config_prune": prune_by_footprint(_footprint)},
+)
 @triton.jit
 def _multi_lora_dx_da_kernel(
     ds_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
@@ -40,7 +54,8 @@ def _multi_lora_dx_da_kernel(
     adapter, rows, row_ok, ranks, rank_ok, adapter_rows = segment_block(
         block, block_adapter_ptr, block_start_ptr, block_end_ptr, rank_ptr, rank_offset_ptr, BLOCK_M, BLOCK_R
     )
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_start = tl.program_id(1) * BLOCK_K
+    cols = col_start + tl.arange(0, BLOCK_K)
     col_ok = cols < K
     tile_ok = row_ok[:, None] & col_ok[None, :]
 
@@ -54,12 +69,17 @@ def _multi_lora_dx_da_kernel(
         x = x.to(tl.float32)
     if HAS_DROPOUT:
         dropout_p = tl.load(dropout_p_ptr + adapter)
-        keep = keep_mask(seed, rows, cols, K, dropout_p)
-        x = tl.where(keep, x, 0.0)
+        # A 0/1 tile, not an i1 one: it is used in two layouts (a dot operand and the dX
+        # accumulator) and shared memory cannot hold 1-bit elements (see utils.keep_factor).
+        keep = keep_factor(seed, rows, col_start, K, dropout_p, BLOCK_K)
+        x = x * keep.to(x.dtype)
     da = tile_dot(tl.trans(ds), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
     if HAS_DROPOUT:
         da = da * (1.0 / (1.0 - dropout_p))
-    tl.atomic_add(da_ptr + adapter_rows[:, None] * K + cols[None, :], da, mask=rank_ok[:, None] & col_ok[None, :])
+    # Relaxed: a plain reduction into dA, with no GPU-wide fence (nothing reads dA before the kernel ends).
+    tl.atomic_add(
+        da_ptr + adapter_rows[:, None] * K + cols[None, :], da, mask=rank_ok[:, None] & col_ok[None, :], sem="relaxed"
+    )
     if WRITE_DX:
         a = tl.load(
             a_ptr + adapter_rows[:, None] * stride_ar + cols[None, :] * stride_ak,
@@ -68,7 +88,7 @@ def _multi_lora_dx_da_kernel(
         )
         dx = tile_dot(ds, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
         if HAS_DROPOUT:
-            dx = tl.where(keep, dx * (1.0 / (1.0 - dropout_p)), 0.0)
+            dx = dx * (keep * (1.0 / (1.0 - dropout_p)))
         tl.store(
             dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxk,
             dx.to(dx_ptr.dtype.element_ty),

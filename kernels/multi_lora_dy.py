@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from .lora_dy import dy_row_block
+from .lora_dy import dy_footprint, dy_row_block
 from .segments import SegmentMeta, segment_block
-from .utils import autotune_configs, dot_precision, rank_block, triton, tl, upcast_dots
+from .utils import autotune_configs, dot_precision, prune_by_footprint, rank_block, triton, tl, upcast_dots
 
 
 def _configs():
@@ -17,11 +17,18 @@ def _configs():
             triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_N": 128}, num_warps=8, num_stages=4),
+            triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),  # wide rank tiles
+            triton.Config({"BLOCK_N": 32}, num_warps=8, num_stages=2),
         ]
     )
 
 
-@triton.autotune(configs=_configs(), key=["N", "BLOCK_R"], reset_to_zero=["db_ptr"])
+@triton.autotune(
+    configs=_configs(),
+    key=["N", "BLOCK_R"],
+    reset_to_zero=["db_ptr"],
+    prune_configs_by={"early_config_prune": prune_by_footprint(dy_footprint)},
+)
 @triton.jit
 def _multi_lora_dy_kernel(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,

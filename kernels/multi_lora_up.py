@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .segments import SegmentMeta, segment_block
-from .utils import autotune_configs, dot_precision, rank_block, tile_dot, triton, tl, upcast_dots
+from .utils import autotune_configs, dot_precision, prune_by_footprint, rank_block, tile_dot, triton, tl, upcast_dots
 
 
 def _configs():
@@ -18,11 +18,21 @@ def _configs():
             triton.Config({"BLOCK_N": 128}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_N": 64}, num_warps=4, num_stages=3),
             triton.Config({"BLOCK_N": 256}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=2),  # wide rank tiles
         ]
     )
 
 
-@triton.autotune(configs=_configs(), key=["N", "BLOCK_R"])
+def _footprint(config, element_bytes, BLOCK_R, BLOCK_M, **_):
+    block_n = config.kwargs["BLOCK_N"]
+    return (BLOCK_M + block_n) * BLOCK_R * element_bytes, BLOCK_M * block_n
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["N", "BLOCK_R"],
+    prune_configs_by={"early_config_prune": prune_by_footprint(_footprint)},
+)
 @triton.jit
 def _multi_lora_up_kernel(
     s_ptr, b_ptr, bias_ptr, y_ptr,

@@ -15,17 +15,60 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     return lora_alpha / (r**0.5) if use_rslora else lora_alpha / r
 
 
+_WORD = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul_hi_lo(a: torch.Tensor, constant: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * constant for 32-bit words held in int64 (split in 16-bit
+    halves so that no product overflows int64)."""
+    high_half = (a >> 16) * constant
+    low_half = (a & 0xFFFF) * constant
+    return (high_half + (low_half >> 16)) >> 16, (((high_half & 0xFFFF) << 16) + low_half) & _WORD
+
+
+def philox_words(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four output words of Philox-4x32-10 with key (seed_lo, seed_hi) and counter
+    (counter_lo, counter_hi, 0, 0), as Triton's tl.randint4x computes them for int64 offsets."""
+    c0, c1 = counters & _WORD, (counters >> 32) & _WORD
+    c2 = c3 = torch.zeros_like(counters)
+    k0, k1 = seed & _WORD, (seed >> 32) & _WORD
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _WORD, (k1 + _PHILOX_KEY_B) & _WORD
+    return c0, c1, c2, c3
+
+
+def _uniform(words: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float: the word as int32, negatives complemented, times 2^-31 in fp32."""
+    as_int32 = torch.where(words >= 2**31, _WORD - words, words)
+    return as_int32.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
 def torch_keep_mask(
     seed: int, shape: tuple[int, ...], dropout_p: float | torch.Tensor, device: torch.device
 ) -> torch.Tensor:
-    """Dropout keep-mask of the torch backend, regenerated from a seed rather than stored.
+    """Dropout keep-mask over X viewed as [rows, cols], regenerated from a seed rather than stored.
 
-    It comes from torch's own generator, so it differs from the Triton kernels' Philox mask for
-    the same seed; each backend agrees with itself between forward and backward. dropout_p may be
-    a tensor broadcasting against shape (a probability per row, for multi-adapter batches).
+    Bit for bit the Triton kernels' mask (kernels/utils.keep_mask) and the CUDA backend's: element
+    (row, col) keeps when word col % 4 of Philox at counter row * ceil(cols / 4) + col // 4, as a
+    uniform in [0, 1), is >= p, so every backend draws the same dropout. dropout_p may be a tensor
+    broadcasting against shape (a probability per row, for multi-adapter batches).
     """
-    generator = torch.Generator(device=device).manual_seed(seed)
-    return torch.rand(shape, generator=generator, device=device) >= dropout_p
+    rows = 1
+    for size in shape[:-1]:
+        rows *= size
+    cols = shape[-1]
+    quads = (cols + 3) // 4
+    counters = torch.arange(rows * quads, dtype=torch.int64, device=device)
+    uniforms = torch.stack([_uniform(word) for word in philox_words(int(seed), counters)], dim=-1)
+    uniforms = uniforms.view(rows, quads * 4)[:, :cols].reshape(shape)
+    if torch.is_tensor(dropout_p):
+        dropout_p = dropout_p.to(torch.float32)
+    return uniforms >= dropout_p
 
 
 def dropout_input(x: torch.Tensor, keep: torch.Tensor | None, dropout_p: float) -> torch.Tensor:

@@ -147,7 +147,8 @@ if triton is not None:
         """Row block `block` of the metadata: (adapter, rows, row_ok, ranks, rank_ok, the adapter's
         indices in the concatenated rank dimension)."""
         adapter = tl.load(block_adapter_ptr + block)
-        rows = tl.load(block_start_ptr + block) + tl.arange(0, BLOCK_M)
+        # int64 row offsets: tokens x width passes 2^31 on large layers.
+        rows = tl.load(block_start_ptr + block).to(tl.int64) + tl.arange(0, BLOCK_M)
         row_ok = rows < tl.load(block_end_ptr + block)
         ranks = tl.arange(0, BLOCK_R)
         rank_ok = ranks < tl.load(rank_ptr + adapter)

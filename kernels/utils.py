@@ -62,23 +62,87 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def new_dropout_seed(device: torch.device) -> int:
-    """A Philox seed drawn from torch's generator, so torch.manual_seed makes dropout repeatable."""
-    generator_device = device if device.type == "cuda" else torch.device("cpu")
-    return int(torch.randint(0, 2**31 - 1, (1,), device=generator_device).item())
+    """A Philox seed drawn on the host from torch's CPU generator: torch.manual_seed makes dropout
+    repeatable, and no value is read back from the GPU (no host-device sync per layer, and the
+    forward stays capturable in a CUDA graph). `device` is accepted for symmetry and unused."""
+    del device
+    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+
+
+# Shared memory a config may plan for when no GPU tells us its own limit: the per-block opt-in
+# maximum of sm_86/sm_89 (the smallest of the architectures we target; sm_80 has 163 KiB and
+# sm_90 227 KiB). Configs that fit it fit everywhere.
+SMALLEST_SHARED_MEMORY = 101_376
+# fp32 accumulator elements a thread may hold in registers before ptxas starts spilling (of 255
+# registers, the rest hold addresses, operands and the dropout mask).
+MAX_ACCUMULATOR_PER_THREAD = 128
+
+
+def shared_memory_limit() -> int:
+    if torch.cuda.is_available() and not is_interpreting():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    return SMALLEST_SHARED_MEMORY
+
+
+def prune_by_footprint(footprint):
+    """An autotune `early_config_prune` keeping the configs whose (shared bytes, fp32 accumulator
+    elements) estimate, from footprint(config, element_bytes, **launch_constexprs), fits the GPU:
+    a wide rank tile must not leave a launch point with no config that compiles and fits. When
+    none fits, the smallest is kept (the ahead-of-time compile test checks it really fits)."""
+
+    def prune(configs, named_args, **kwargs):
+        element_bytes = next(
+            arg.element_size() for name, arg in named_args.items() if name.endswith("_ptr") and torch.is_tensor(arg)
+        )
+        limit = shared_memory_limit()
+        estimates = [(footprint(config, element_bytes, **kwargs), config) for config in configs]
+        fitting = [
+            config
+            for (shared, accumulator), config in estimates
+            if shared <= limit and accumulator <= MAX_ACCUMULATOR_PER_THREAD * 32 * config.num_warps
+        ]
+        if fitting:
+            return fitting
+        return [min(estimates, key=lambda item: item[0])[1]]
+
+    return prune
+
+
+def m_bucket(num_rows: int) -> int:
+    """Token counts grouped for autotuning keys: a new microbatch length reuses the tuned config of
+    its power-of-two bucket instead of benchmarking again."""
+    return triton.next_power_of_2(max(num_rows, 1))
 
 
 if triton is not None:
 
     @triton.jit
-    def keep_mask(seed, rows, cols, num_cols, dropout_p):
-        """Dropout keep-mask of a [rows, cols] tile of a row-major [*, num_cols] matrix.
+    def keep_mask(seed, rows, col_start, num_cols, dropout_p, BLOCK_K: tl.constexpr):
+        """Dropout keep-mask of the [rows, col_start + arange(BLOCK_K)] tile of a row-major
+        [*, num_cols] matrix (col_start and BLOCK_K multiples of 4).
 
-        The Philox stream is indexed by the element's logical position (row * num_cols + col, in
-        int64), so every kernel that touches the same element, with any tiling, regenerates the
-        same bit: forward and backward agree without storing a mask.
+        Element (row, col) keeps when word col % 4 of Philox-4x32-10 at counter
+        row * ceil(num_cols / 4) + col // 4 (int64), as a uniform in [0, 1), is >= p: one Philox
+        call yields four elements. The mask is a function of the element's logical position, so
+        every kernel that touches it, with any tiling, regenerates the same bit (forward and
+        backward agree without storing a mask), and the CUDA and torch backends compute the same
+        bits (csrc/philox.cuh, reference.philox_keep_mask).
         """
-        offsets = rows[:, None].to(tl.int64) * num_cols + cols[None, :]
-        return tl.rand(seed, offsets) >= dropout_p
+        quads = col_start // 4 + tl.arange(0, BLOCK_K // 4)
+        counters = rows[:, None].to(tl.int64) * ((num_cols + 3) // 4) + quads[None, :]
+        u0, u1, u2, u3 = tl.rand4x(seed, counters)
+        # join(join(u0, u2), join(u1, u3))[.., q, j, i] is word 2i + j, which row-major flattening
+        # puts at column 4q + 2j + i: column 4q + w holds word w.
+        uniforms = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (rows.shape[0], BLOCK_K))
+        return uniforms >= dropout_p
+
+    @triton.jit
+    def keep_factor(seed, rows, col_start, num_cols, dropout_p, BLOCK_K: tl.constexpr):
+        """The keep-mask as a 0/1 fp32 tile. Kernels multiply by it rather than select with the i1
+        tile: an i1 tile used in two layouts goes through shared memory, which cannot hold 1-bit
+        elements (the compile fails on tensor-core dots), and multiplying keeps what PEFT's
+        dropout does with a dropped NaN or inf (NaN * 0 = NaN) instead of silently zeroing it."""
+        return keep_mask(seed, rows, col_start, num_cols, dropout_p, BLOCK_K).to(tl.float32)
 
     @triton.jit
     def tile_dot(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from lora_checks import DTYPES, check_against_reference, keep_mask_for, make_inputs, run_fused
-from lorafusion.kernels import fused_lora_linear
+from lorafusion.kernels import fused_lora_linear, torch_keep_mask
 from lorafusion.kernels.keep_mask import triton_keep_mask
+from lorafusion.kernels.utils import new_dropout_seed
+
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize(
@@ -99,6 +101,35 @@ def test_triton_mask_is_independent_of_tiling():
         assert torch.equal(triton_keep_mask(99, 50, 70, 0.5, cpu, block=block), reference), block
     assert 0.4 < reference.double().mean() < 0.6
     assert not torch.equal(triton_keep_mask(100, 50, 70, 0.5, cpu), reference)
+
+
+@pytest.mark.parametrize("rows, cols", [(50, 70), (3, 5), (17, 129)])
+def test_triton_and_torch_backends_draw_the_same_mask(rows, cols):
+    # One Philox layout (four words per call) in every backend: a run keeps its dropout when it
+    # moves between the Triton kernels and the torch backend, and the CUDA backend is checked
+    # against the same bits in test_cuda_extension.py.
+    cpu = torch.device("cpu")
+    for seed, p in ((7, 0.1), (2**31 - 2, 0.5)):
+        assert torch.equal(triton_keep_mask(seed, rows, cols, p, cpu), torch_keep_mask(seed, (rows, cols), p, cpu))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_dropped_nan_stays_nan_as_in_peft(backend):
+    # Dropout multiplies by the 0/1 mask, as torch's (and so PEFT's) dropout does: a NaN or inf in
+    # X is never silently zeroed because its element happened to be dropped.
+    x, weight, b, lora_A, lora_B, grad_out = make_inputs((8,), 32, 16, 4, torch.float32)
+    torch.manual_seed(3)
+    seed = new_dropout_seed(x.device)
+    keep = torch_keep_mask(seed, tuple(x.shape), 0.5, x.device)
+    row, col = (~keep).nonzero()[0].tolist()
+    x[row, col] = float("nan")
+    lora_A.requires_grad_()
+    torch.manual_seed(3)
+    y = fused_lora_linear(x, weight, b, lora_A, lora_B, 1.0, 0.5, backend=backend)
+    y.sum().backward()
+    other_cols = [c for c in range(x.shape[1]) if c != col]
+    assert torch.isnan(lora_A.grad[:, col]).all()
+    assert not torch.isnan(lora_A.grad[:, other_cols]).any()
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

@@ -302,9 +302,9 @@ class MultiJobTrainer:
             "planning_stages": self.planning_stages,
         }
 
-    def plan(self, resume: bool) -> Schedule:
-        """The run's schedule: planned and saved, or on --resume the saved one when the scheduler
-        settings and pipeline layout are unchanged. With another layout it is planned again: a
+    def plan(self, resume: bool, save: bool = False) -> Schedule:
+        """The run's schedule: planned (and saved with `save`, by the run that owns output_dir),
+        or on --resume the saved one when the scheduler settings and pipeline layout are unchanged. With another layout it is planned again: a
         job's step depends only on its global batch, not on how the batch is cut into
         microbatches, and checkpoints restore onto any stage count."""
         path = self.output_dir / SCHEDULE_FILE
@@ -347,7 +347,8 @@ class MultiJobTrainer:
             baseline_order = megatron_order if spec.policy == "megatron" else mlora_order
             microbatches = baseline_order(scheduler_jobs, stages, spec.capacity)
             schedule = Schedule(stages=stages, capacity=spec.capacity, pad_multiple=1, microbatches=microbatches)
-        write_atomically(path, schedule.to_json_dict() | {"fingerprint": fingerprint}, root=self.output_dir)
+        if save:
+            write_atomically(path, schedule.to_json_dict() | {"fingerprint": fingerprint}, root=self.output_dir)
         return schedule
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -566,7 +567,7 @@ class MultiJobTrainer:
         try:
             if self.config.model.path is None:
                 self._save_inline_base_model(keep_complete=resume)
-            return schedule or self.plan(resume)
+            return schedule or self.plan(resume, save=True)
         except BaseException:
             self.release_output_dir()
             raise

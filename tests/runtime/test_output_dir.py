@@ -191,3 +191,10 @@ def test_a_stale_adapter_is_republished_and_statuses_carry_the_run_id(tmp_path, 
         assert json.loads((out / job / "status.json").read_text())["run_id"] == run_id
         saved, expected = load_file(out / job / "adapter_model.safetensors"), load_file(tmp_path / "full" / job / "adapter_model.safetensors")
         assert saved.keys() == expected.keys() and all((saved[k] - expected[k]).abs().max() < 1e-6 for k in saved)
+
+
+def test_planning_outside_a_run_writes_nothing(tmp_path):
+    trainer = MultiJobTrainer(parse_config(config_dict(tmp_path, jobs=("add",)), tmp_path), progress=False)
+    schedule = trainer.plan(resume=False)
+    assert not (tmp_path / "run").exists()
+    assert trainer.train(schedule=schedule).jobs["add"].status == "finished"

@@ -1,34 +1,60 @@
-"""lorafusion: fast LoRA fine-tuning with fused kernels and multi-job scheduling."""
+"""lorafusion: fast LoRA fine-tuning with fused kernels and multi-job scheduling.
+
+The public names below are imported on first use (PEP 562 module ``__getattr__``), so that
+``import lorafusion.scheduler`` - a numpy/scipy package a cluster front end imports to plan jobs -
+does not pull in torch through this file.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from lorafusion.adapters import load_adapter, save_adapter  # noqa: E402
-from lorafusion.apply import (  # noqa: E402
-    apply_lora,
-    apply_multi_lora,
-    find_target_modules,
-    get_lora_config,
-    get_multi_lora_configs,
-    lora_modules,
-    multi_lora_modules,
-)
-from lorafusion.config import LoRAConfig  # noqa: E402
-from lorafusion.modules import FusedLoRALinear, MultiLoRABatch, MultiLoRALinear, multi_lora_batch  # noqa: E402
+_EXPORTS = {
+    "load_adapter": "lorafusion.adapters",
+    "save_adapter": "lorafusion.adapters",
+    "apply_lora": "lorafusion.apply",
+    "apply_multi_lora": "lorafusion.apply",
+    "find_target_modules": "lorafusion.apply",
+    "get_lora_config": "lorafusion.apply",
+    "get_multi_lora_configs": "lorafusion.apply",
+    "lora_modules": "lorafusion.apply",
+    "multi_lora_modules": "lorafusion.apply",
+    "LoRAConfig": "lorafusion.config",
+    "FusedLoRALinear": "lorafusion.modules",
+    "MultiLoRABatch": "lorafusion.modules",
+    "MultiLoRALinear": "lorafusion.modules",
+    "multi_lora_batch": "lorafusion.modules",
+}
 
-__all__ = [
-    "FusedLoRALinear",
-    "LoRAConfig",
-    "MultiLoRABatch",
-    "MultiLoRALinear",
-    "__version__",
-    "apply_lora",
-    "apply_multi_lora",
-    "find_target_modules",
-    "get_lora_config",
-    "get_multi_lora_configs",
-    "load_adapter",
-    "lora_modules",
-    "multi_lora_batch",
-    "multi_lora_modules",
-    "save_adapter",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+if TYPE_CHECKING:  # static analysers see the eager imports
+    from lorafusion.adapters import load_adapter, save_adapter
+    from lorafusion.apply import (
+        apply_lora,
+        apply_multi_lora,
+        find_target_modules,
+        get_lora_config,
+        get_multi_lora_configs,
+        lora_modules,
+        multi_lora_modules,
+    )
+    from lorafusion.config import LoRAConfig
+    from lorafusion.modules import FusedLoRALinear, MultiLoRABatch, MultiLoRALinear, multi_lora_batch
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        # AttributeError (not ImportError) lets `from lorafusion import qlora` fall back to the submodule.
+        raise AttributeError(f"module 'lorafusion' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

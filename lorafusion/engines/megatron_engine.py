@@ -51,8 +51,11 @@ class MegatronLink:
         self.comm.send_backward(grad, self.first)
 
 
-def train_with_megatron(config, resume: bool = False, stop_after_microbatches: int | None = None, progress: bool = True):
-    """Run `config` on the processes torchrun started, one pipeline stage each."""
+def train_with_megatron(
+    config, resume: bool = False, stop_after_microbatches: int | None = None, progress: bool = True, schedule=None
+):
+    """Run `config` on the processes torchrun started, one pipeline stage each (`schedule`: see
+    MultiJobTrainer.train)."""
     check_world(config, int(os.environ.get("WORLD_SIZE", "1")))
     from megatron.core import parallel_state
 
@@ -74,7 +77,7 @@ def train_with_megatron(config, resume: bool = False, stop_after_microbatches: i
             replica_index=parallel_state.get_data_parallel_rank(),
             data_parallel_group=parallel_state.get_data_parallel_group(),
         )
-        return trainer.train(resume=resume, stop_after_microbatches=stop_after_microbatches)
+        return trainer.train(resume=resume, stop_after_microbatches=stop_after_microbatches, schedule=schedule)
     finally:
         parallel_state.destroy_model_parallel()
         if owns_group:

@@ -10,7 +10,10 @@ global batch at least S microbatches after its previous one, which is exactly wh
 that batch's first forward, on every stage, to come after the previous batch's step there.
 
 No-op microbatches (inserted by the scheduler where no job may go) keep their pipeline slot with
-an empty activation, so the positions the scheduler reasoned about are the ones executed.
+an empty activation, so the positions the scheduler reasoned about are the ones executed. So do
+microbatches with nothing left to train: those of jobs restored past them on --resume, or of jobs
+absent when a schedule is replayed. A resumed run therefore executes the very positions of an
+uninterrupted one, only with fewer samples in them.
 
 A job whose loss, gradients or parameters become non-finite stops, and the others go on, as in
 the single-process runtime. A stage learns of a failure where it happens (the last stage from the
@@ -176,19 +179,25 @@ class PipelineTrainer(MultiJobTrainer):
     # ---- 1F1B -----------------------------------------------------------------------------------
 
     def train(self, resume: bool = False, stop_after_microbatches: int | None = None, schedule: Schedule | None = None) -> TrainResult:
+        try:
+            return self._train(resume, stop_after_microbatches, schedule)
+        finally:
+            # Also when stopped early: a process may start another run on the same output_dir
+            # while DeepSpeed still holds this trainer.
+            self.release_output_dir()
+
+    def _train(self, resume: bool, stop_after_microbatches: int | None, schedule: Schedule | None) -> TrainResult:
         schedule = self.begin(resume, schedule)
-        slots = []
+        slots, busy = [], []
         microbatches = schedule.microbatches
         for start in range(0, len(microbatches), self.num_replicas):
             chunk = microbatches[start : start + self.num_replicas]
             chunk_refs = [self.live_refs(microbatch) for microbatch in chunk]
-            if not any(chunk_refs) and not any(microbatch.noop for microbatch in chunk):
-                continue  # nothing left to train there (after a resume)
             position = start + self.replica_index
             slots.append((position, chunk_refs[self.replica_index] if self.replica_index < len(chunk) else []))
+            busy.append(any(chunk_refs))  # the same on every replica: all run the same slots
             self._chunk_refs[position] = [ref for refs in chunk_refs for ref in refs]
-        if stop_after_microbatches is not None:
-            slots = slots[:stop_after_microbatches]
+        slots, run = _slots_to_run(slots, busy, stop_after_microbatches)
         self._compute_log: list[tuple[str, int, float]] = []
         loop_started = time.perf_counter()
         try:
@@ -199,13 +208,13 @@ class PipelineTrainer(MultiJobTrainer):
             self._write_stage_stats(time.perf_counter() - loop_started)
         self._share_failures()
         if stop_after_microbatches is not None:
-            return self._result(len(slots), interrupted=True)
+            return self._result(run, interrupted=True)
         if self.is_reporter:
             for job in self.jobs.values():
                 if job.status == "finished":
                     self.publish_adapter(job)
         dist.barrier()
-        return self.finish(len(slots))
+        return self.finish(run)
 
     def _timed(self, kind: str, tokens: int, work):
         """Run `work`, logging its compute time on this stage (for the measured bubble fraction)."""
@@ -231,7 +240,9 @@ class PipelineTrainer(MultiJobTrainer):
     def _shape(self, slot) -> tuple[int, int, int]:
         # A tuple: megatron's combined send/recv calls take a list as a list of shapes.
         position, refs = slot
-        return (1, sum(ref.tokens for ref in refs), self.hidden_size)
+        # A microbatch with samples to train is packed whole, placeholders included (see pack).
+        tokens = sum(ref.tokens for ref in self._schedule.microbatches[position].samples) if refs else 0
+        return (1, tokens, self.hidden_size)
 
     def _one_forward_one_backward(self, slots: list) -> None:
         """Megatron's non-interleaved 1F1B order over the whole run: S - s - 1 warm-up forwards,
@@ -352,6 +363,22 @@ class PipelineTrainer(MultiJobTrainer):
             return
         print(f"lorafusion train: job {job.name!r} stopped on stage {self.stage_index}: {reason}", file=sys.stderr)
         super()._fail(job, reason)
+
+
+def _slots_to_run(slots: list, busy: list[bool], stop_after: int | None) -> tuple[list, int]:
+    """The slots from the first with samples left to train (after a resume) to the last, or to the
+    `stop_after`-th such slot; and how many of them have samples.
+
+    Empty slots in between stay, as empty activations: the scheduler keeps a job's dependent
+    global batches S positions apart, and dropping a slot between them (a job already trained,
+    or absent from a replayed schedule) would run the next batch's forward before the previous
+    batch's step. Dropping slots before the first busy one shifts every later slot alike."""
+    busy_slots = [index for index, flag in enumerate(busy) if flag]
+    if stop_after is not None:
+        busy_slots = busy_slots[: max(stop_after, 0)]
+    if not busy_slots:
+        return [], 0
+    return slots[busy_slots[0] : busy_slots[-1] + 1], len(busy_slots)
 
 
 def local_device_and_backend() -> tuple[torch.device, str]:

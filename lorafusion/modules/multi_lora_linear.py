@@ -40,22 +40,23 @@ class MultiLoRABatch:
     """The consecutive token segments of one packed microbatch and the adapter that trains each.
 
     Segment i is `lengths[i]` consecutive tokens of the flattened input, trained by adapter
-    `adapter_names[i]`; a name may repeat, a length may be 0. Build it once per microbatch: the
+    `adapter_names[i]`; a name may repeat, a length may be 0, and a None name gets the base output
+    only (rows that keep others in place, e.g. samples already trained). Build it once per microbatch: the
     kernels' segment metadata is derived once per distinct layer configuration and cached here,
     so every layer of the model reuses it. `dropout_seed` makes the adapters' dropout masks a
     function of the batch (each layer adds its own `dropout_seed_offset`); None draws seeds from
     torch's generator.
     """
 
-    def __init__(self, adapter_names: Sequence[str], lengths: Sequence[int], dropout_seed: int | None = None) -> None:
+    def __init__(self, adapter_names: Sequence[str | None], lengths: Sequence[int], dropout_seed: int | None = None) -> None:
         if len(adapter_names) != len(lengths):
             raise ValueError(
                 f"adapter_names and lengths need one entry per segment, got {len(adapter_names)} names "
                 f"and {len(lengths)} lengths"
             )
         for name in adapter_names:
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"adapter_names must be non-empty strings, got {name!r}")
+            if name is not None and (not isinstance(name, str) or not name):
+                raise ValueError(f"adapter_names must be non-empty strings or None, got {name!r}")
         for length in lengths:
             if isinstance(length, bool) or not isinstance(length, int) or length < 0:
                 raise ValueError(f"lengths must be integers >= 0, got {length!r}")
@@ -72,7 +73,7 @@ class MultiLoRABatch:
 
     def adapters_with_tokens(self) -> list[str]:
         """Adapter names with at least one token, in order of first appearance."""
-        return list(dict.fromkeys(n for n, length in zip(self.adapter_names, self.lengths) if length > 0))
+        return list(dict.fromkeys(n for n, length in zip(self.adapter_names, self.lengths) if length > 0 and n is not None))
 
     def segment_meta(
         self, adapters: dict[str, tuple[int, float, float]], device: torch.device

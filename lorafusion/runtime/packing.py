@@ -20,7 +20,6 @@ from lorafusion.modules import MultiLoRABatch
 from .data import IGNORE_INDEX, Sample
 
 
-
 @dataclass
 class PackedMicrobatch:
     input_ids: torch.Tensor  # [1, tokens]
@@ -28,7 +27,7 @@ class PackedMicrobatch:
     sample_lengths: tuple[int, ...]  # tokens of each packed sample, in order
     labels: torch.Tensor  # [1, tokens], IGNORE_INDEX where no loss is taken
     sample_of_token: torch.Tensor  # [tokens] index into `jobs`
-    jobs: list[str]  # the job of each packed sample, in order
+    jobs: list[str | None]  # the job of each packed sample, in order (None: a placeholder, see padding_sample)
     lora_batch: MultiLoRABatch
 
     @property
@@ -40,11 +39,19 @@ class PackedMicrobatch:
         return {"input_ids": self.input_ids, "position_ids": self.position_ids, "sample_lengths": self.sample_lengths}
 
 
+def padding_sample(tokens: int) -> Sample:
+    """A placeholder of `tokens` tokens with no loss, packed (under job None, so no adapter) where a
+    microbatch's sample is not trained this time: a job restored past it on --resume, or absent
+    from a replayed schedule. The other samples then keep their rows, and dropout masks are drawn
+    per row of the packed microbatch, so they train exactly as in the full microbatch."""
+    return Sample(record=0, input_ids=(0,) * tokens, labels=(IGNORE_INDEX,) * tokens)
+
+
 def pack_samples(
-    entries: list[tuple[str, Sample]], device: torch.device | str = "cpu", dropout_seed: int | None = None
+    entries: list[tuple[str | None, Sample]], device: torch.device | str = "cpu", dropout_seed: int | None = None
 ) -> PackedMicrobatch:
     """Concatenate (job name, sample) entries into one packed microbatch; `dropout_seed` seeds the
-    adapters' dropout masks (see MultiLoRABatch)."""
+    adapters' dropout masks (see MultiLoRABatch). A None job name marks a placeholder."""
     if not entries:
         raise ValueError("pack_samples needs at least one sample")
     lengths = [len(sample.input_ids) for _, sample in entries]
@@ -67,9 +74,9 @@ def pack_samples(
     )
 
 
-def _job_segments(jobs: list[str], lengths: list[int]) -> tuple[list[str], list[int]]:
+def _job_segments(jobs: list[str | None], lengths: list[int]) -> tuple[list[str | None], list[int]]:
     """Consecutive samples of one job merged into one adapter segment (fewer, longer segments)."""
-    names: list[str] = []
+    names: list[str | None] = []
     totals: list[int] = []
     for job, length in zip(jobs, lengths):
         if names and names[-1] == job:

@@ -58,7 +58,7 @@ from .output_dir import (
     staging_directory,
     write_atomically,
 )
-from .packing import PackedMicrobatch, pack_samples, per_token_loss
+from .packing import PackedMicrobatch, pack_samples, padding_sample, per_token_loss
 from .run_directory import RUN_ENTRIES, RunDirectory, run_id_of
 from .run_state import read_metrics, read_status, status_record, warn
 from .tokenizer import load_tokenizer
@@ -538,6 +538,7 @@ class MultiJobTrainer:
         """Set up the run's files, plan (or reload) the schedule, restore checkpoints on --resume."""
         self._started = time.perf_counter()
         schedule = self.prepare_run(resume, schedule)
+        self._schedule = schedule
         for job in self.jobs.values():
             if job.status == "failed":
                 self._write_status(job)
@@ -610,11 +611,18 @@ class MultiJobTrainer:
             self._tensorboard.close()
 
     def pack(self, position: int, refs: list) -> PackedMicrobatch:
-        """The samples of microbatch `position`, packed. Its dropout seed depends only on the run
-        and the position (each layer mixes in its own offset), so the single process, every
-        pipeline engine and a resumed run draw the same masks: the RNG state a checkpoint would
-        otherwise have to keep."""
-        entries = [(ref.job, self.jobs[ref.job].samples[self.jobs[ref.job].order[ref.index]]) for ref in refs]
+        """The samples of microbatch `position`, packed, with a placeholder for each of its samples
+        not in `refs`. Its dropout seed depends only on the run and the position (each layer mixes
+        in its own offset), and every sample keeps its rows, so the single process, every pipeline
+        engine and a resumed run draw the same masks: the RNG state a checkpoint would otherwise
+        have to keep."""
+        trained = set(refs)
+        entries = [
+            (ref.job, self.jobs[ref.job].samples[self.jobs[ref.job].order[ref.index]])
+            if ref in trained
+            else (None, padding_sample(ref.tokens))
+            for ref in self._schedule.microbatches[position].samples
+        ]
         seed = (self.config.model.seed * 1_000_003 + position) % (2**31 - 1)
         return pack_samples(entries, self.device, dropout_seed=seed)
 
@@ -665,7 +673,11 @@ class MultiJobTrainer:
         job_of_sample = torch.tensor([names.index(j) for j in packed.jobs], device=token_losses.device)
         sums = token_losses.new_zeros(len(names)).index_add(0, job_of_sample[packed.sample_of_token], token_losses)
         batch_of_job = {ref.job: ref.global_batch for ref in refs}
-        return {name: sums[i] / self.jobs[name].target_tokens[batch_of_job[name]] for i, name in enumerate(names)}
+        return {
+            name: sums[i] / self.jobs[name].target_tokens[batch_of_job[name]]
+            for i, name in enumerate(names)
+            if name is not None  # placeholders carry no loss
+        }
 
     def _fail(self, job: JobRun, reason: str) -> None:
         job.status, job.failure = "failed", reason

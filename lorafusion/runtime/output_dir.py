@@ -293,6 +293,9 @@ def claim_model_directory(target: str | os.PathLike, overwrite: bool, expected: 
     files only with `overwrite` (they are kept, and never replaced: `expected`, the names the
     model will have, are checked now, so that a long job is not refused at its first save)."""
     target = Path(target)
+    if os.path.lexists(target / LOCK_FILE):  # a run may hold it: "in use" is then the answer
+        with DirectoryLock(target):
+            pass
     entries = directory_entries(target)
     owned = manifest_files(target) or set()
     in_the_way = sorted(name for name in expected if name in entries and name not in owned)

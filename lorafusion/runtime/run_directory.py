@@ -67,8 +67,10 @@ class RunDirectory:
         root = Path(root)
         if resume and overwrite:
             raise OutputDirError("--resume and --overwrite exclude each other: resume a run, or replace it")
-        # Checked before the lock file is made, so a refused directory gets nothing written into it.
-        cls._refuse(root, read_marker(root), directory_entries(root), resume, overwrite)
+        if not os.path.lexists(root / LOCK_FILE):
+            # Checked before the lock file is made, so a refused directory gets nothing written into it.
+            # Where one exists, a run may hold it: then "in use" is the answer, checked first.
+            cls._refuse(root, read_marker(root), directory_entries(root), resume, overwrite)
         root.mkdir(parents=True, exist_ok=True)
         lock = DirectoryLock(root)
         try:

@@ -13,7 +13,7 @@ from lorafusion import LoRAConfig, apply_lora, save_adapter
 from lorafusion.cli import main
 from lorafusion.loram import PruneMap, load_pruned_model
 from lorafusion.loram.align import align
-from lorafusion.runtime.output_dir import LOCK_FILE
+from lorafusion.runtime.output_dir import LOCK_FILE, DirectoryLock
 
 
 def test_prune_align_report_recover(tmp_path, capsys):
@@ -99,3 +99,6 @@ def test_prune_and_align_never_replace_or_delete_what_they_did_not_write(tmp_pat
     assert main(prune + ["--out", str(mine), "--overwrite", "--seed", "1"]) == 0
     assert (mine / "notes.txt").read_text() == "precious"
     assert load_pruned_model(mine) is not None
+    with DirectoryLock(mine):  # as an align still writing there holds it
+        assert main(align + ["--out", str(mine), "--overwrite"]) == 2
+    assert f"{mine} is in use by another lorafusion process" in capsys.readouterr().err

@@ -109,18 +109,23 @@ def test_overwrite_replaces_only_what_lorafusion_wrote(tmp_path):
     assert (out / "txt" / "adapter_model.safetensors").is_file()
 
 
-def test_a_second_run_on_a_locked_directory_stops_at_once(tmp_path, capsys):
+@pytest.mark.parametrize("earlier_run", [False, True])
+def test_a_second_run_on_a_locked_directory_stops_at_once(tmp_path, capsys, earlier_run):
     config = write_config(tmp_path)
-    (tmp_path / "run").mkdir()
+    if earlier_run:
+        assert train(config, "--stop-after", "2") == 0
+    (tmp_path / "run").mkdir(exist_ok=True)
+    before = snapshot(tmp_path / "run")
     lock = DirectoryLock(tmp_path / "run")  # as a run in progress holds it
     try:
-        assert train(config) == 2
+        for flags in ([], ["--resume"], ["--overwrite"]):
+            assert train(config, *flags) == 2
+            error = capsys.readouterr().err
+            assert f"{tmp_path / 'run'} is in use by another lorafusion process (pid {os.getpid()})" in error
     finally:
         lock.release()
-    error = capsys.readouterr().err
-    assert f"{tmp_path / 'run'} is in use by another lorafusion process (pid {os.getpid()})" in error
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    assert train(config) == 0  # released
+    assert {k: v for k, v in snapshot(tmp_path / "run").items() if k != LOCK_FILE} == {k: v for k, v in before.items() if k != LOCK_FILE}
+    assert train(config, *(["--resume"] if earlier_run else [])) == 0  # released
 
 
 def test_resume_and_overwrite_exclude_each_other(tmp_path):

@@ -119,11 +119,19 @@ def _base_weight(weight, backend: str) -> torch.Tensor:
     return weight.dequantize(out=workspace, backend=backend)
 
 
+def compute_adapters(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor):
+    """The adapters in x's dtype, the one the kernels compute in: adapters are usually kept in fp32
+    on a 16-bit base (as PEFT does), so that small updates are not rounded away; they take part in
+    the products as autocast would cast them (a copy of r x (in + out) elements per call), and their
+    gradients, accumulated in fp32, come back in the adapters' own dtype."""
+    return lora_A.to(x.dtype), lora_B.to(x.dtype)
+
+
 def lora_backward(ctx, dy, lora_dy, lora_dx_da) -> tuple:
     """The backward of a fused LoRA linear op (single- or multi-adapter): (dX, dW, dbias, dA, dB).
 
-    ctx holds (x, weight or None for an NF4 base, lora_A, lora_B, S) and quantized_weight, backend,
-    has_bias. lora_dy(dY, B, S) -> (dS, dB in fp32) is the pass over dY; lora_dx_da(dS, A, X,
+    ctx holds (x, weight or None for an NF4 base, lora_A, lora_B, S) with the adapters in x's
+    dtype, and quantized_weight, backend, has_bias, adapter_dtype (the dtype of their gradients). lora_dy(dY, B, S) -> (dS, dB in fp32) is the pass over dY; lora_dx_da(dS, A, X,
     dX or None) writes the LoRA part of dX and returns dA in fp32; cuBLAS adds dY W to dX.
     """
     x, weight, lora_A, lora_B, s = ctx.saved_tensors
@@ -135,12 +143,12 @@ def lora_backward(ctx, dy, lora_dy, lora_dx_da) -> tuple:
     grad_x = grad_w = grad_bias = grad_A = grad_B = None
     ds, db = lora_dy(dy2d, lora_B, s)
     if need_db:
-        grad_B = db.to(lora_B.dtype)
+        grad_B = db.to(ctx.adapter_dtype)
     if need_dx or need_da:
         dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_dx else None
         da = lora_dx_da(ds, lora_A, x2d, dx)
         if need_da:
-            grad_A = da.to(lora_A.dtype)
+            grad_A = da.to(ctx.adapter_dtype)
         if need_dx:
             base = weight if ctx.quantized_weight is None else _base_weight(ctx.quantized_weight, ctx.backend)
             dx.addmm_(dy2d, base)
@@ -154,11 +162,14 @@ def lora_backward(ctx, dy, lora_dy, lora_dx_da) -> tuple:
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, backend, forward_impl):
+    def forward(ctx, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, backend, forward_impl):
+        """x2d is [tokens, in_features]: the caller reshapes outside the Function, so that the
+        output is no view created inside it and in-place use of it (`out += residual`) works as on
+        nn.Linear."""
         ops = _OPS[backend]
-        in_features = x.shape[-1]
-        x2d = x.reshape(-1, in_features)
-        seed = new_dropout_seed(x.device) if dropout_p > 0.0 else 0
+        ctx.adapter_dtype = lora_A.dtype
+        lora_A, lora_B = compute_adapters(x2d, lora_A, lora_B)
+        seed = new_dropout_seed(x2d.device) if dropout_p > 0.0 else 0
         s = ops.lora_down(x2d, lora_A, dropout_p, seed)
         quantized_weight = weight if isinstance(weight, NF4Weight) else None
         weight = _base_weight(weight, backend)
@@ -168,14 +179,14 @@ class LoRALinearFunction(torch.autograd.Function):
             y = torch.nn.functional.linear(x2d, weight, bias)
             y.addmm_(s, lora_B.t(), alpha=scaling)
         # An NF4 weight is kept as such (a non-tensor on ctx), never its dequantized workspace.
-        ctx.save_for_backward(x, None if quantized_weight is not None else weight, lora_A, lora_B, s)
+        ctx.save_for_backward(x2d, None if quantized_weight is not None else weight, lora_A, lora_B, s)
         ctx.quantized_weight = quantized_weight
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.seed = seed
         ctx.backend = backend
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -187,6 +198,23 @@ class LoRALinearFunction(torch.autograd.Function):
             lambda ds, lora_A, x2d, dx: ops.lora_dx_da(ds, lora_A, x2d, ctx.dropout_p, ctx.seed, dx),
         )
         return *grads, None, None, None, None
+
+
+def check_dtypes_and_devices(x, weight, bias, lora_A, lora_B) -> None:
+    """The base (weight, bias) computes in x's dtype; the adapters may be kept in any supported
+    dtype (fp32 on a 16-bit base, as PEFT keeps them), both adapters in the same one."""
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x.dtype must be one of float32, float16, bfloat16, got {x.dtype}")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        if tensor is not None and tensor.dtype != x.dtype:
+            raise TypeError(f"{name}.dtype ({tensor.dtype}) must match x.dtype ({x.dtype})")
+    if lora_A.dtype not in SUPPORTED_DTYPES or lora_B.dtype != lora_A.dtype:
+        raise TypeError(
+            f"lora_A and lora_B must share one of float32, float16, bfloat16, got {lora_A.dtype} and {lora_B.dtype}"
+        )
+    for name, tensor in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
+        if tensor is not None and tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
 
 
 def _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p):
@@ -206,15 +234,7 @@ def _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p):
         raise ValueError(f"lora_B must be [out_features={out_features}, r={rank}], got {tuple(lora_B.shape)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x.dtype must be one of float32, float16, bfloat16, got {x.dtype}")
-    for name, tensor in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)):
-        if tensor is None:
-            continue
-        if tensor.dtype != x.dtype:
-            raise TypeError(f"{name}.dtype ({tensor.dtype}) must match x.dtype ({x.dtype})")
-        if tensor.device != x.device:
-            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+    check_dtypes_and_devices(x, weight, bias, lora_A, lora_B)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {dropout_p}")
 
@@ -234,7 +254,8 @@ def fused_lora_linear(
 
     x: [..., in_features]; weight: [out_features, in_features], a tensor or a frozen
     `kernels.nf4.NF4Weight` (its compute dtype must equal x.dtype); lora_A: [r, in_features];
-    lora_B: [out_features, r]; dropout applies to the LoRA path only, only in training.
+    lora_B: [out_features, r], in x's dtype or another (fp32 adapters on a 16-bit base compute in
+    x's dtype and get fp32 gradients); dropout applies to the LoRA path only, only in training.
     """
     _check_inputs(x, weight, bias, lora_A, lora_B, dropout_p)
     if forward_impl not in FORWARD_IMPLS:
@@ -242,6 +263,7 @@ def fused_lora_linear(
     resolved = resolve_backend(backend, x.device)
     if x.numel() == 0:
         return torch.nn.functional.linear(x, _base_weight(weight, resolved), bias)
-    return LoRALinearFunction.apply(
-        x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), resolved, forward_impl
+    y = LoRALinearFunction.apply(
+        x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), resolved, forward_impl
     )
+    return y.reshape(*x.shape[:-1], y.shape[-1])

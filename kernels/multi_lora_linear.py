@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora_linear import SUPPORTED_DTYPES, _base_weight, lora_backward, resolve_backend
+from .lora_linear import _base_weight, check_dtypes_and_devices, compute_adapters, lora_backward, resolve_backend
 from .nf4 import NF4Weight
 from .reference import torch_keep_mask
 from .segments import SegmentMeta
@@ -123,23 +123,25 @@ _OPS = {"torch": _TorchMultiOps, "triton": _TritonMultiOps}
 
 class MultiLoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A_cat, lora_B_cat, meta, backend, dropout_seed):
+    def forward(ctx, x2d, weight, bias, lora_A_cat, lora_B_cat, meta, backend, dropout_seed):
+        """x2d is [tokens, in_features], reshaped by the caller (see LoRALinearFunction.forward)."""
         ops = _OPS[backend]
-        x2d = x.reshape(-1, x.shape[-1])
+        ctx.adapter_dtype = lora_A_cat.dtype
+        lora_A_cat, lora_B_cat = compute_adapters(x2d, lora_A_cat, lora_B_cat)
         if not meta.has_dropout:
             seed = 0
         else:
-            seed = new_dropout_seed(x.device) if dropout_seed is None else dropout_seed
+            seed = new_dropout_seed(x2d.device) if dropout_seed is None else dropout_seed
         s = ops.down(x2d, lora_A_cat, meta, seed)
         y = ops.up(s, lora_B_cat, bias, meta)
         quantized_weight = weight if isinstance(weight, NF4Weight) else None
         weight = _base_weight(weight, backend)
         y.addmm_(x2d, weight.t())
         # An NF4 weight is kept as such (a non-tensor on ctx), never its dequantized workspace.
-        ctx.save_for_backward(x, None if quantized_weight is not None else weight, lora_A_cat, lora_B_cat, s)
+        ctx.save_for_backward(x2d, None if quantized_weight is not None else weight, lora_A_cat, lora_B_cat, s)
         ctx.quantized_weight = quantized_weight
         ctx.meta, ctx.seed, ctx.backend, ctx.has_bias = meta, seed, backend, bias is not None
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -169,7 +171,8 @@ def fused_multi_lora_linear(
     segments; weight: [out_features, in_features], a tensor or a frozen `kernels.nf4.NF4Weight`
     (its compute dtype must equal x.dtype); lora_A_cat: [sum of ranks, in_features] and
     lora_B_cat: [out_features, sum of ranks], the adapters' A and B concatenated in adapter order
-    (see segments.py). dropout_seed: the Philox seed of the dropout masks (0 <= seed < 2**31);
+    (see segments.py), in x's dtype or another (e.g. fp32 on a 16-bit base, see
+    lora_linear.compute_adapters). dropout_seed: the Philox seed of the dropout masks (0 <= seed < 2**31);
     None draws one from torch's generator.
     """
     if len(weight.shape) != 2:
@@ -187,14 +190,7 @@ def fused_multi_lora_linear(
         raise ValueError(f"lora_A_cat must be [{meta.total_rank}, {in_features}], got {tuple(lora_A_cat.shape)}")
     if tuple(lora_B_cat.shape) != (out_features, meta.total_rank):
         raise ValueError(f"lora_B_cat must be [{out_features}, {meta.total_rank}], got {tuple(lora_B_cat.shape)}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x.dtype must be one of float32, float16, bfloat16, got {x.dtype}")
-    for name, tensor in (("weight", weight), ("lora_A", lora_A_cat), ("lora_B", lora_B_cat), ("bias", bias)):
-        if tensor is not None and tensor.dtype != x.dtype:
-            raise TypeError(f"{name}.dtype ({tensor.dtype}) must match x.dtype ({x.dtype})")
-    for name, tensor in (("weight", weight), ("lora_A", lora_A_cat), ("lora_B", lora_B_cat), ("bias", bias)):
-        if tensor is not None and tensor.device != x.device:
-            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}")
+    check_dtypes_and_devices(x, weight, bias, lora_A_cat, lora_B_cat)
     if meta.block_adapter.device != x.device:
         raise ValueError(f"the segment metadata is on {meta.block_adapter.device} but x is on {x.device}")
     if dropout_seed is not None and not 0 <= dropout_seed < 2**31 - 1:
@@ -204,4 +200,7 @@ def fused_multi_lora_linear(
         raise ValueError(f"backend={resolved!r} has no multi-adapter kernels; use 'triton', 'torch' or 'auto'")
     if tokens == 0:
         return torch.nn.functional.linear(x, _base_weight(weight, resolved), bias)
-    return MultiLoRALinearFunction.apply(x, weight, bias, lora_A_cat, lora_B_cat, meta, resolved, dropout_seed)
+    y = MultiLoRALinearFunction.apply(
+        x.reshape(-1, in_features), weight, bias, lora_A_cat, lora_B_cat, meta, resolved, dropout_seed
+    )
+    return y.reshape(*x.shape[:-1], out_features)

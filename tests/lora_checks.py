@@ -81,9 +81,13 @@ def assert_as_accurate_as_torch(name, fused, exact, same_dtype_torch):
 
 
 def check_against_reference(
-    backend, lead, in_features, out_features, rank, dtype, bias, p, forward_impl="cublas", device="cpu"
+    backend, lead, in_features, out_features, rank, dtype, bias, p, forward_impl="cublas", device="cpu", adapter_dtype=None
 ):
+    """adapter_dtype: lora_A and lora_B kept in another dtype than the base (fp32 on a 16-bit base);
+    they compute in the base's dtype, and their gradients come back in adapter_dtype."""
     x, weight, b, lora_A, lora_B, grad_out = make_inputs(lead, in_features, out_features, rank, dtype, bias, device=device)
+    adapter_dtype = adapter_dtype or dtype
+    lora_A, lora_B = lora_A.to(adapter_dtype), lora_B.to(adapter_dtype)
     scaling = 16.0 / rank
     keep = keep_mask_for(backend, x.numel() // in_features, in_features, p, device)
     y, grads = run_fused(x, weight, b, lora_A, lora_B, grad_out, scaling, p, backend, forward_impl)
@@ -95,5 +99,5 @@ def check_against_reference(
         if g64 is None:
             assert g is None
             continue
-        assert g is not None and g.dtype == dtype, name
+        assert g is not None and g.dtype == (adapter_dtype if name in ("dA", "dB") else dtype), name
         assert_as_accurate_as_torch(name, g, g64, g_lp)

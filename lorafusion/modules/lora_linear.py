@@ -33,6 +33,16 @@ def check_backend(backend: object) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def default_adapter_dtype(base_dtype: torch.dtype, adapter_dtype: torch.dtype | None = None) -> torch.dtype:
+    """adapter_dtype when given, else fp32 on a 16-bit base (as PEFT's autocast_adapter_dtype) and
+    the base's dtype otherwise."""
+    if adapter_dtype is not None:
+        if adapter_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"adapter_dtype must be torch.float32, torch.float16 or torch.bfloat16, got {adapter_dtype}")
+        return adapter_dtype
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
 class FusedLoRALinear(nn.Module):
     """y = x Wᵀ + b + scaling · dropout(x) Aᵀ Bᵀ, with W and b frozen and A, B trainable.
 
@@ -43,7 +53,10 @@ class FusedLoRALinear(nn.Module):
             `use_rslora`.
         lora_dropout: dropout probability on the LoRA path's input, applied in training mode only.
         bias: whether the base layer has a (frozen) bias.
-        dtype, device: of the base weight; the LoRA parameters follow the base weight.
+        dtype, device: of the base weight; the LoRA parameters are on its device.
+        adapter_dtype: dtype of lora_A and lora_B; by default fp32 on a 16-bit (or NF4) base, as
+            PEFT keeps them (`autocast_adapter_dtype`), so that small updates are not rounded away,
+            and the base's dtype otherwise. They compute in the input's dtype either way.
         backend: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch"; see
             `lorafusion.kernels.fused_lora_linear`.
 
@@ -64,13 +77,14 @@ class FusedLoRALinear(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         backend: str = "auto",
+        adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         for name, size in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {size!r}")
         base = nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
-        self._attach(base.weight, base.bias, r, lora_alpha, lora_dropout, use_rslora, backend)
+        self._attach(base.weight, base.bias, r, lora_alpha, lora_dropout, use_rslora, backend, adapter_dtype)
 
     @classmethod
     def from_linear(
@@ -84,6 +98,7 @@ class FusedLoRALinear(nn.Module):
         quantize: str | None = None,
         double_quant: bool = True,
         blocksize: int = 64,
+        adapter_dtype: torch.dtype | None = None,
     ) -> FusedLoRALinear:
         """Wrap `linear`: its weight and bias Parameters are shared (not copied) and frozen.
 
@@ -105,7 +120,7 @@ class FusedLoRALinear(nn.Module):
             weight, bias = linear.weight, linear.bias
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._attach(weight, bias, r, lora_alpha, lora_dropout, use_rslora, backend)
+        layer._attach(weight, bias, r, lora_alpha, lora_dropout, use_rslora, backend, adapter_dtype)
         return layer
 
     def _attach(
@@ -117,6 +132,7 @@ class FusedLoRALinear(nn.Module):
         lora_dropout: float,
         use_rslora: bool,
         backend: str,
+        adapter_dtype: torch.dtype | None,
     ) -> None:
         check_lora_hyperparameters(r, lora_alpha, lora_dropout)
         check_backend(backend)
@@ -135,7 +151,7 @@ class FusedLoRALinear(nn.Module):
         self.scaling = lora_scaling(r, lora_alpha, self.use_rslora)
         self.backend = backend
         self.merged = False
-        factory = {"dtype": weight.dtype, "device": weight.device}
+        factory = {"dtype": default_adapter_dtype(weight.dtype, adapter_dtype), "device": weight.device}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.reset_lora_parameters()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lora_checks import DTYPES, check_against_reference, keep_mask_for, make_inputs, run_fused
-from lorafusion.kernels import fused_lora_linear, torch_keep_mask
+from lorafusion.kernels import fused_lora_linear, lora_linear_reference, torch_keep_mask
 from lorafusion.kernels.keep_mask import triton_keep_mask
 from lorafusion.kernels.utils import new_dropout_seed
 
@@ -101,6 +101,30 @@ def test_triton_mask_is_independent_of_tiling():
         assert torch.equal(triton_keep_mask(99, 50, 70, 0.5, cpu, block=block), reference), block
     assert 0.4 < reference.double().mean() < 0.6
     assert not torch.equal(triton_keep_mask(100, 50, 70, 0.5, cpu), reference)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_fp32_adapters_on_a_16_bit_base(backend, dtype, p):
+    # PEFT keeps adapters in fp32 on a 16-bit base, so that small updates are not rounded away:
+    # they compute in the base's dtype (as under autocast) and their gradients come back in fp32.
+    check_against_reference(backend, (3, 19), 40, 24, 8, DTYPES[dtype], True, p, adapter_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_output_can_be_modified_in_place(backend):
+    # Falcon adds the attention output into the MLP's output in place: allowed on nn.Linear's
+    # output, so on ours too (no view created inside the autograd Function).
+    x, weight, b, lora_A, lora_B, _ = make_inputs((2, 5), 16, 12, 4, torch.float32)
+    lora_A.requires_grad_()
+    residual = torch.randn(2, 5, 12)
+    y = fused_lora_linear(x, weight, b, lora_A, lora_B, 1.0, 0.0, backend=backend)
+    y += residual
+    y.sum().backward()
+    expected = lora_linear_reference(x, weight, b, lora_A.detach().requires_grad_(), lora_B, 1.0)
+    torch.testing.assert_close(y.detach(), expected.detach() + residual)
+    assert lora_A.grad is not None
 
 
 @pytest.mark.parametrize("rows, cols", [(50, 70), (3, 5), (17, 129)])

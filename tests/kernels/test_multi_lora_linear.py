@@ -166,3 +166,27 @@ def test_bad_segment_metadata():
         build_segment_meta([0], [10], [300], [1.0], [0.0], "cpu")
     with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\)"):
         build_segment_meta([0], [10], [2], [1.0], [1.0], "cpu")
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fp32_adapters_on_an_fp16_base_and_in_place_output(backend):
+    # Adapters kept in fp32 on a 16-bit base compute in fp16 and get fp32 gradients; the output
+    # may be modified in place, as nn.Linear's may.
+    adapters, lengths, ranks, scalings, dropout_ps = [0, 1, 0], [30, 41, 9], [4, 16], [2.0, 0.5], [0.25, 0.0]
+    meta = build_segment_meta(adapters, lengths, ranks, scalings, dropout_ps, "cpu")
+    x, weight, bias, As, Bs, grad_out = make_tensors(meta.num_tokens, 32, 24, ranks, torch.float16)
+    As, Bs = [a.float() for a in As], [b.float() for b in Bs]
+    keep = reference_keep(backend, meta, meta.num_tokens, 32)
+    got = run_multi(x, weight, bias, As, Bs, meta, grad_out, backend)
+    exact = per_segment_reference(x, weight, bias, As, Bs, meta, keep, grad_out)
+    for name, g, e in zip(("y", "dx"), got[:2], exact[:2]):
+        assert_close_to(name, g, e, magnitude_rtol=4e-3)
+    for a in range(2):
+        assert got[3][a].dtype == got[4][a].dtype == torch.float32
+        assert_close_to(f"dA[{a}]", got[3][a], exact[3][a], magnitude_rtol=4e-3)
+        assert_close_to(f"dB[{a}]", got[4][a], exact[4][a], magnitude_rtol=4e-3)
+    A_cat = torch.cat(As).requires_grad_()
+    y = fused_multi_lora_linear(x, weight, bias, A_cat, torch.cat(Bs, dim=1), meta, backend=backend)
+    y += 1.0
+    y.float().sum().backward()
+    assert A_cat.grad is not None and A_cat.grad.dtype == torch.float32

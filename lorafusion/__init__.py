@@ -27,6 +27,8 @@ _EXPORTS = {
     "MultiLoRABatch": "lorafusion.modules",
     "MultiLoRALinear": "lorafusion.modules",
     "multi_lora_batch": "lorafusion.modules",
+    "fuse_peft": "lorafusion.peft_fusion",
+    "unfuse_peft": "lorafusion.peft_fusion",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -44,6 +46,7 @@ if TYPE_CHECKING:  # static analysers see the eager imports
     )
     from lorafusion.config import LoRAConfig
     from lorafusion.modules import FusedLoRALinear, MultiLoRABatch, MultiLoRALinear, multi_lora_batch
+    from lorafusion.peft_fusion import fuse_peft, unfuse_peft
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,143 @@
+"""One line of speed for an existing PEFT script: `fuse_peft(model)`.
+
+Every PEFT LoRA `Linear` whose computation the fused op reproduces gets its forward replaced, on
+the instance, by one that calls `kernels.fused_lora_linear`; PEFT's modules, parameter names,
+`state_dict`, `save_pretrained`, `merge_and_unload`, `set_adapter` and `disable_adapter` are
+untouched, because nothing but the bound forward changes. `unfuse_peft` removes it again.
+
+The fused forward checks, on every call, that the call is one it computes as PEFT does: adapters
+enabled and not merged, one active adapter on the layer, plain LoRA (no DoRA or other variant, no
+`lora_bias`), no `adapter_names` mixed batch, a dense `nn.Linear` base in the input's dtype (or
+under autocast). Any other call runs PEFT's own forward, so a fused model is never silently
+different. Layers that can never be fused (embeddings, convolutions, `fan_in_fan_out`, DoRA,
+quantized bases) are left as they are and named in the report.
+
+Numerics: the LoRA path computes in the input's dtype with fp32 accumulation, as PEFT's does under
+autocast; with fp32 adapters on a 16-bit base outside autocast PEFT computes that path in fp32,
+and the two differ by the input dtype's rounding. Dropout draws its mask from lorafusion's Philox
+stream (the same keep probability and 1/(1-p) scaling as torch's dropout, not the same bits).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lorafusion.kernels.lora_linear import BACKENDS, fused_lora_linear
+
+logger = logging.getLogger(__name__)
+
+_FUSED_MARK = "_lorafusion_fused_backend"
+
+
+@dataclass
+class FusionReport:
+    """What fuse_peft did: the names of the fused layers, and of the others with the reason."""
+
+    fused: list[str] = field(default_factory=list)
+    left: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        line = f"lorafusion: fused {len(self.fused)} PEFT LoRA layer(s)"
+        if self.left:
+            reasons = sorted(set(self.left.values()))
+            line += f", left {len(self.left)} on PEFT's forward ({'; '.join(reasons)})"
+        return line
+
+
+def _peft_lora_classes():
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.layer import Linear
+    except ImportError as error:  # pragma: no cover - peft is what the caller brings
+        raise ImportError("fuse_peft needs the peft package (pip install peft)") from error
+    return LoraLayer, Linear
+
+
+def _never_fusable(module, linear_class) -> str | None:
+    """Why this PEFT LoRA layer can never take the fused forward, or None."""
+    if type(module) is not linear_class:
+        return f"{type(module).__name__} layers are not fused"
+    base = module.get_base_layer()
+    if type(base) is not nn.Linear:
+        return f"{type(base).__name__} base layers are not fused"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out is not fused"
+    for adapter in module.lora_A:
+        if adapter in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter, False):
+            return "DoRA and other LoRA variants are not fused"
+        if getattr(module, "lora_bias", {}).get(adapter, False):
+            return "lora_bias is not fused"
+        if not isinstance(module.lora_dropout[adapter], (nn.Dropout, nn.Identity)):
+            return f"dropout module {type(module.lora_dropout[adapter]).__name__} is not fused"
+    return None
+
+
+def _fusable_call(module, x: torch.Tensor, args, kwargs) -> str | None:
+    """The one active adapter when this call computes exactly as PEFT's forward would, else None."""
+    if args or kwargs or module.disable_adapters or module.merged:
+        return None
+    active = [name for name in module.active_adapters if name in module.lora_A]
+    if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
+        return None
+    weight = module.get_base_layer().weight
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+        return None
+    if x.device != weight.device or x.shape[-1] != weight.shape[1]:
+        return None
+    return active[0]
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    adapter = _fusable_call(self, x, args, kwargs)
+    if adapter is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.get_base_layer()
+    weight, bias = base.weight, base.bias
+    lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+    if torch.is_autocast_enabled(x.device.type):
+        # A custom autograd Function is not cast by autocast: cast as it would for F.linear.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    dropout = self.lora_dropout[adapter]
+    dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    return fused_lora_linear(
+        x, weight, bias, lora_A, lora_B, float(self.scaling[adapter]), dropout_p, backend=getattr(self, _FUSED_MARK)
+    )
+
+
+def fuse_peft(model: nn.Module, backend: str = "auto") -> FusionReport:
+    """Makes every PEFT LoRA Linear of `model` (a PeftModel or any module tree) that the fused op
+    computes exactly use it, in place; returns the report and logs its one-line summary."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    lora_layer, linear_class = _peft_lora_classes()
+    report = FusionReport()
+    for name, module in model.named_modules():
+        if not isinstance(module, lora_layer):
+            continue
+        reason = _never_fusable(module, linear_class)
+        if reason is not None:
+            report.left[name] = reason
+            continue
+        setattr(module, _FUSED_MARK, backend)
+        module.forward = types.MethodType(_fused_forward, module)
+        report.fused.append(name)
+    logger.info(report.summary())
+    return report
+
+
+def unfuse_peft(model: nn.Module) -> int:
+    """Restores PEFT's own forward on every layer fuse_peft changed; returns how many."""
+    restored = 0
+    for module in model.modules():
+        if hasattr(module, _FUSED_MARK):
+            del module.forward
+            delattr(module, _FUSED_MARK)
+            restored += 1
+    return restored

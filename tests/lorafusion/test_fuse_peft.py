@@ -1,0 +1,189 @@
+"""fuse_peft on PEFT models of several tiny random architectures: same logits and LoRA gradients as
+PEFT's own forward, PEFT's API and file format unchanged, what cannot be fused left on PEFT's
+forward and named, and a Hugging Face Trainer run reaching the same adapter."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+import transformers
+
+from lorafusion import fuse_peft, unfuse_peft
+from lorafusion.kernels import lora_linear as fused_op
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=96, max_position_embeddings=64)
+ARCHITECTURES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 8}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {}),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {"head_dim": 8}),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {"pad_token_id": 0}),
+}
+
+
+def tiny_base(architecture="llama", seed=0):
+    config_class, model_class, extra = ARCHITECTURES[architecture]
+    torch.manual_seed(seed)
+    return model_class(config_class(**TINY, **extra))
+
+
+def tiny_peft_model(architecture="llama", seed=0, **lora_kwargs):
+    base = tiny_base(architecture, seed)
+    lora_kwargs = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0,
+                   "init_lora_weights": False, **lora_kwargs}  # init False: B non-zero, so the LoRA path counts
+    return peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", **lora_kwargs))
+
+
+def logits_and_lora_grads(model, input_ids):
+    model.zero_grad()
+    logits = model(input_ids).logits
+    logits.float().pow(2).mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name}
+    return logits.detach(), grads
+
+
+@pytest.fixture
+def input_ids():
+    return torch.randint(0, 96, (2, 11), generator=torch.Generator().manual_seed(5))
+
+
+class CountingFusedOp:
+    """Counts calls of the fused op, to tell a fused forward from PEFT's fallback."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = fused_op.LoRALinearFunction.apply
+
+        def counting(*args):
+            self.calls += 1
+            return original(*args)
+
+        monkeypatch.setattr(fused_op.LoRALinearFunction, "apply", counting)
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_same_logits_and_lora_gradients_as_peft(architecture, input_ids, monkeypatch):
+    model = tiny_peft_model(architecture)
+    expected_logits, expected_grads = logits_and_lora_grads(model, input_ids)
+    counter = CountingFusedOp(monkeypatch)
+    report = fuse_peft(model, backend="torch")
+    assert report.fused and not report.left
+    logits, grads = logits_and_lora_grads(model, input_ids)
+    assert counter.calls == len(report.fused)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == expected_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_triton_kernels_match_peft_too(input_ids):
+    model = tiny_peft_model("llama", r=8, use_rslora=True)
+    expected_logits, expected_grads = logits_and_lora_grads(model, input_ids)
+    fuse_peft(model, backend="triton")
+    logits, grads = logits_and_lora_grads(model, input_ids)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_rank_and_alpha_patterns_keep_each_layers_scaling(input_ids):
+    model = tiny_peft_model("llama", rank_pattern={"q_proj": 2, "down_proj": 6}, alpha_pattern={"v_proj": 32})
+    expected_logits, _ = logits_and_lora_grads(model, input_ids)
+    fuse_peft(model, backend="torch")
+    torch.testing.assert_close(logits_and_lora_grads(model, input_ids)[0], expected_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_api_and_file_format_are_unchanged(input_ids, tmp_path, monkeypatch):
+    model = tiny_peft_model("llama")
+    state_before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    fuse_peft(model, backend="torch")
+    assert model.state_dict().keys() == state_before.keys()
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(tiny_base("llama"), tmp_path / "adapter")
+    # The reloaded model is plain PEFT (never fused): its logits are the fused model's.
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids).logits, model(input_ids).logits, atol=1e-5, rtol=1e-5)
+        with model.disable_adapter():
+            disabled = model(input_ids).logits
+        base_logits = copy.deepcopy(model).merge_and_unload()(input_ids).logits
+    torch.testing.assert_close(base_logits, model(input_ids).logits.detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(disabled, base_logits)
+    counter = CountingFusedOp(monkeypatch)
+    assert unfuse_peft(model) > 0
+    with torch.no_grad():
+        model(input_ids)
+    assert counter.calls == 0
+
+
+def test_calls_it_cannot_compute_exactly_run_peft_forward(input_ids, monkeypatch):
+    model = tiny_peft_model("llama")
+    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()  # PEFT takes adapter_names only in eval mode
+    fuse_peft(model, backend="torch")
+    counter = CountingFusedOp(monkeypatch)
+    with torch.no_grad():
+        fused = model(input_ids).logits
+        fused_calls = counter.calls
+        mixed = model(input_ids, adapter_names=["default", "second"]).logits  # mixed batch: PEFT's forward
+    assert fused_calls > 0 and counter.calls == fused_calls
+    unfuse_peft(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids, adapter_names=["default", "second"]).logits, mixed)
+        torch.testing.assert_close(model(input_ids).logits, fused, atol=1e-5, rtol=1e-5)
+    assert counter.calls == fused_calls
+
+
+def test_layers_that_cannot_be_fused_are_left_and_named():
+    model = tiny_peft_model("llama", use_dora=True, target_modules=["q_proj"])
+    report = fuse_peft(model)
+    assert not report.fused
+    assert all("DoRA" in reason for reason in report.left.values()) and report.left
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=96))
+    gpt2_peft = peft.get_peft_model(gpt2, peft.LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True))
+    report = fuse_peft(gpt2_peft)
+    assert not report.fused and report.left
+    assert "left 1 on PEFT's forward" in report.summary()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fuse_peft(model, backend="cuda-fast")
+
+
+def test_dropout_keeps_peft_semantics(input_ids):
+    model = tiny_peft_model("llama", lora_dropout=0.3)
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(input_ids).logits
+    fuse_peft(model, backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, eval_logits, atol=1e-5, rtol=1e-5)  # off in eval
+        model.train()
+        torch.manual_seed(1)
+        first = model(input_ids).logits
+        torch.manual_seed(1)
+        again = model(input_ids).logits
+    assert torch.equal(first, again) and not torch.allclose(first, eval_logits)
+
+
+def test_hugging_face_trainer_reaches_the_same_adapter(tmp_path):
+    input_ids = torch.randint(0, 96, (8, 12), generator=torch.Generator().manual_seed(3))
+    dataset = [{"input_ids": row, "labels": row} for row in input_ids]
+
+    def train(fused):
+        model = tiny_peft_model("llama", seed=11)
+        if fused:
+            fuse_peft(model, backend="torch")
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / ("fused" if fused else "peft")), per_device_train_batch_size=4, max_steps=4,
+            learning_rate=1e-3, report_to=[], save_strategy="no", seed=0, use_cpu=True, logging_strategy="no",
+        )
+        transformers.Trainer(model=model, args=args, train_dataset=dataset).train()
+        return {name: p.detach() for name, p in model.named_parameters() if "lora_" in name}
+
+    fused, plain = train(True), train(False)
+    assert fused.keys() == plain.keys()
+    for name in fused:
+        torch.testing.assert_close(fused[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)

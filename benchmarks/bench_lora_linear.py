@@ -58,8 +58,9 @@ def _peft_layer(base: torch.nn.Linear, rank: int) -> torch.nn.Module:
     return layer.to(device=base.weight.device, dtype=base.weight.dtype)
 
 
-def build_layers(case: Case) -> dict[str, torch.nn.Module]:
-    """The layers under test, all over one frozen base weight."""
+def build_layers(case: Case, cuda_backend: bool = True) -> dict[str, torch.nn.Module]:
+    """The layers under test, all over one frozen base weight. `cuda_backend`: also the CUDA
+    extension backend where it builds (a first build compiles csrc/ with nvcc, minutes)."""
     base = torch.nn.Linear(case.hidden, case.hidden, bias=False, device=case.device, dtype=case.dtype)
     base.weight.requires_grad_(False)
     fused = FusedLoRALinear.from_linear(base, r=case.rank, lora_alpha=2 * case.rank, lora_dropout=DROPOUT)
@@ -67,7 +68,7 @@ def build_layers(case: Case) -> dict[str, torch.nn.Module]:
     layers = {"base": base, "peft": _peft_layer(base, case.rank), "fused": fused}
     if case.device.type == "cuda":
         layers["fused_triton_gemm"] = _TritonGemmForward(fused)
-        if cuda_extension_builds():
+        if cuda_backend and cuda_extension_builds():
             layers["fused_cuda"] = _CudaBackendForward(fused)
     return layers
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
@@ -41,9 +39,18 @@ def _device_name(device: torch.device, info: dict) -> str:
     return "cpu" if device.type == "cpu" else info["gpu"].replace(" ", "_").lower()
 
 
+def bitsandbytes_missing() -> str | None:
+    """Why bitsandbytes cannot be used here (None when it can): it is optional on GPU machines."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as error:  # ImportError, or a broken native library
+        return f"bitsandbytes unavailable ({type(error).__name__}: {error})"
+    return None
+
+
 def measure_dequantization(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> dict:
+    """Ours and a plain copy, and bitsandbytes' dequantize_4bit when it is installed (else NaN)."""
     weight = quantize_nf4(torch.randn(shape, device=device, dtype=dtype), blocksize=64, double_quant=True)
-    packed, quant_state = nf4_to_bnb(weight)
     out = torch.empty(shape, device=device, dtype=dtype)
     source = torch.empty_like(out)
     backend = "triton" if device.type == "cuda" else "torch"
@@ -51,7 +58,13 @@ def measure_dequantization(shape: tuple[int, int], dtype: torch.dtype, device: t
     moved = stored + out.numel() * out.element_size()
     copy_ms = time_ms(lambda: out.copy_(source), device)
     ours_ms = time_ms(lambda: weight.dequantize(out=out, backend=backend), device)
-    bnb_ms = time_ms(lambda: bnbf.dequantize_4bit(packed, quant_state), device)
+    if bitsandbytes_missing() is None:
+        import bitsandbytes.functional as bnbf
+
+        packed, quant_state = nf4_to_bnb(weight)
+        bnb_ms = time_ms(lambda: bnbf.dequantize_4bit(packed, quant_state), device)
+    else:
+        bnb_ms = math.nan
     copy_gbs = 2 * out.numel() * out.element_size() / copy_ms / 1e6
     ours_gbs, bnb_gbs = moved / ours_ms / 1e6, moved / bnb_ms / 1e6
     return {
@@ -84,6 +97,7 @@ class _Holder(nn.Module):
 
 
 def build_layers(tokens: int, hidden: int, rank: int, dtype: torch.dtype, device: torch.device) -> dict:
+    import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
     linear = nn.Linear(hidden, hidden, bias=False, device=device, dtype=dtype).requires_grad_(False)
@@ -180,6 +194,8 @@ def test_dequantize_nf4_torch_backend(benchmark):
 
 
 def test_dequantize_nf4_bitsandbytes(benchmark):
+    import bitsandbytes.functional as bnbf
+
     packed, quant_state = nf4_to_bnb(quantize_nf4(torch.randn(256, 256)))
     benchmark(lambda: bnbf.dequantize_4bit(packed, quant_state))
 

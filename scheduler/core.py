@@ -109,6 +109,9 @@ class Schedule:
     microbatches: list[Microbatch]
     groups: list[list[str]] = field(default_factory=list)
     packings: list[PackingReport] = field(default_factory=list)
+    # Wall time spent packing each global batch (all its groups), and choosing the grouping (once).
+    batch_times_s: list[float] = field(default_factory=list)
+    grouping_time_s: float = 0.0
 
     @property
     def num_noops(self) -> int:

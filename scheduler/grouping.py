@@ -20,6 +20,11 @@ longest-processing-time first (largest ``T`` to the lightest group), which balan
 With ``S = 1`` every job goes into one group. When no partition is acceptable (e.g. one job, or a
 pipeline much deeper than the work per batch), every job gets its own group, which staggers as much
 as possible; the ordering step then inserts the no-ops that remain unavoidable.
+
+This rule is a good first guess, not the last word: with padding multiples, one large group puts
+many padded job segments into each microbatch. :func:`candidate_groupings` lists the rule's choice
+and a few others, and :mod:`lorafusion.scheduler.group_selection` keeps the one whose simulated
+schedule is fastest.
 """
 
 from __future__ import annotations
@@ -61,3 +66,16 @@ def group_jobs(jobs: Sequence[Job], stages: int, capacity: int) -> list[list[str
         if staggers(groups, stages, capacity):
             return [[j.name for j in g] for g in groups]
     return [[j.name] for j in jobs]
+
+
+def candidate_groupings(jobs: Sequence[Job], stages: int, capacity: int) -> list[list[list[str]]]:
+    """The rule's grouping first, then partitions into 1, 2, 4, ceil(J / 2) (pairs), J and one more
+    than the rule's number of groups; duplicates dropped, order kept."""
+    chosen = group_jobs(jobs, stages, capacity)
+    candidates = [chosen]
+    for count in (1, 2, 4, -(-len(jobs) // 2), len(jobs), len(chosen) + 1):
+        if 1 <= count <= len(jobs):
+            grouping = [[j.name for j in g] for g in _partition(jobs, count)]
+            if grouping not in candidates:
+                candidates.append(grouping)
+    return candidates

@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .core import NOOP, Job, Microbatch, SampleRef, earliest_next_batch_position, padded_tokens
+from .core import NOOP, Job, Microbatch, SampleRef, earliest_next_batch_position, padded_tokens, round_up
 
 # (group, global batch) -> bins of that unit, largest first.
 UnitSource = Callable[[int, int], list[list[SampleRef]]]
@@ -70,6 +70,9 @@ def order_microbatches(
             math.ceil(sum(j.lengths[i] for j in members for i in j.batch_indices(g)) / capacity)
             for g in range(num_batches)
         ]
+        # estimated_bins[g] becomes the estimate for batches g, g + 1, ... so that chain() is O(1).
+        for g in range(num_batches - 2, -1, -1):
+            estimated[g] += estimated[g + 1]
         cursors.append(_GroupCursor(jobs=members, num_batches=num_batches, estimated_bins=estimated))
 
     last_position: dict[str, int] = {}
@@ -92,12 +95,9 @@ def order_microbatches(
 
     def chain(k: int) -> int:
         cursor = cursors[k]
-        remaining_future = range(cursor.next_batch, cursor.num_batches)
-        return (
-            len(cursor.unit.bins)
-            + sum(cursor.estimated_bins[g] for g in remaining_future)
-            + (stages - 1) * len(remaining_future)
-        )
+        future_batches = cursor.num_batches - cursor.next_batch
+        future_bins = cursor.estimated_bins[cursor.next_batch] if future_batches else 0
+        return len(cursor.unit.bins) + future_bins + (stages - 1) * future_batches
 
     def priority(k: int) -> tuple[bool, int, int]:
         return (cursors[k].unit.started, chain(k), -k)
@@ -128,6 +128,9 @@ def order_microbatches(
         unit.started = True
         samples = unit.bins.pop(0)
         load = padded_tokens(samples, pad_multiple)
+        per_job: dict[str, int] = {}
+        for sample in samples:
+            per_job[sample.job] = per_job.get(sample.job, 0) + sample.tokens
 
         donors = [
             k
@@ -138,9 +141,11 @@ def order_microbatches(
             donor_unit = cursors[k].unit
             donor_bin = donor_unit.bins[-1]
             for sample in sorted(donor_bin, key=lambda s: (-s.tokens, s.job, s.index)):
-                grown = padded_tokens([*samples, sample], pad_multiple)
+                old = per_job.get(sample.job, 0)
+                grown = load - round_up(old, pad_multiple) + round_up(old + sample.tokens, pad_multiple)
                 if grown <= capacity:
                     samples.append(sample)
+                    per_job[sample.job] = old + sample.tokens
                     donor_bin.remove(sample)
                     load = grown
                     donor_unit.started = True

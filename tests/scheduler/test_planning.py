@@ -12,18 +12,26 @@ from hypothesis import strategies as st
 
 from lorafusion.scheduler import (
     BackgroundPlanner,
+    CostModel,
     Job,
     Microbatch,
     SampleRef,
     Schedule,
     ScheduleError,
+    PackingProblem,
+    candidate_groupings,
+    choose_grouping,
     greedy_pack,
     group_jobs,
     pack,
+    pack_global_batch,
     padded_tokens,
     plan_schedule,
+    simulate,
     verify_schedule,
 )
+from lorafusion.scheduler.bins import shrink_lightest_bin
+from lorafusion.scheduler.group_selection import heuristic_makespan, probe_jobs
 from lorafusion.scheduler.packing import SOLVERS, bin_load
 
 PROPERTY_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -240,3 +248,66 @@ def test_background_planner_matches_synchronous_planning(executor):
         schedule = planner.schedule()
     assert streamed == schedule.microbatches[:3]
     assert comparable(schedule) == comparable(expected)
+
+
+@PROPERTY_SETTINGS
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 300)), min_size=1, max_size=40), st.sampled_from([1, 16]))
+def test_local_search_keeps_a_valid_packing_and_never_grows_the_leftover(items, pad_multiple):
+    segments = [s for s, _ in items]
+    tokens = [n for _, n in items]
+    greedy = greedy_pack(segments, tokens, 512, pad_multiple)
+    shrunk = shrink_lightest_bin(greedy, segments, tokens, 512, pad_multiple)
+    assert sorted(i for b in shrunk for i in b) == list(range(len(items)))
+    assert len(shrunk) <= len(greedy)
+    loads = [bin_load(b, segments, tokens, pad_multiple) for b in shrunk]
+    assert max(loads) <= 512
+    assert min(loads) <= min(bin_load(b, segments, tokens, pad_multiple) for b in greedy)
+
+
+def test_local_search_moves_items_out_of_the_lightest_bin():
+    tokens, segments = [6, 2, 5, 2], [0, 0, 0, 0]
+    shrunk = shrink_lightest_bin([[0, 1], [2, 3]], segments, tokens, 10, 1)
+    assert sorted(bin_load(b, segments, tokens, 1) for b in shrunk) == [5, 10]
+    assert shrink_lightest_bin([[0], [1]], [0, 0], [5, 3], 10, 1) == [[0, 1]]  # an emptied bin disappears
+
+
+def test_global_batch_runs_the_milp_only_where_the_bin_count_bound_may_be_beaten():
+    easy = PackingProblem((0, 0, 1, 1), (500, 500, 500, 500), 1000)  # FFD meets ceil(2000 / 1000)
+    hard = PackingProblem((0,) * 6, (5, 4, 3, 3, 3, 2), 10, optimise_leftover=False)  # FFD 3 bins, LB 2
+    result = pack_global_batch([easy, hard], time_limit_s=5.0, workers=2)
+    assert [p.solver for p in result.packings] == ["greedy-optimal", "milp"]
+    assert [p.num_bins for p in result.packings] == [2, 2]
+    assert result.time_s >= max(p.solve_time_s for p in result.packings)
+
+
+def test_global_batch_budget_is_shared_and_keeps_the_heuristic_when_it_runs_out():
+    hard = PackingProblem((0,) * 6, (5, 4, 3, 3, 3, 2), 10, optimise_leftover=False)
+    result = pack_global_batch([hard, hard], time_limit_s=1e-9)
+    assert [p.solver for p in result.packings] == ["greedy-timeout", "greedy-timeout"]
+    assert all(p.num_bins == 3 for p in result.packings)
+
+
+def test_planner_records_one_time_per_global_batch():
+    jobs = [Job("a", 4, [100] * 12), Job("b", 2, [300] * 8)]  # 3 and 4 global batches
+    schedule = plan_schedule(jobs, stages=2, capacity=1024)
+    assert len(schedule.batch_times_s) == 4
+    assert len(schedule.packings) == sum(
+        min(4, max(j.num_global_batches for j in jobs if j.name in g)) for g in schedule.groups
+    )
+
+
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_grouping_is_the_fastest_candidate_by_simulation(stages):
+    # Padded segments make one big group costly: each microbatch would carry many padded job segments.
+    jobs = [Job(f"j{k}", 8, [(53 * i + 17 * k) % 700 + 30 for i in range(24)]) for k in range(6)]
+    cost = CostModel.default()
+    chosen = choose_grouping(jobs, stages, 2048, 128, cost)
+    candidates = candidate_groupings(jobs, stages, 2048)
+    probe = probe_jobs(jobs, 3)
+    times = [heuristic_makespan(probe, g, stages, 2048, 128, cost) for g in candidates]
+    assert chosen == candidates[times.index(min(times))]
+    planned = plan_schedule(jobs, stages, 2048, pad_multiple=128, time_limit_s=0.2)
+    ruled = plan_schedule(jobs, stages, 2048, pad_multiple=128, time_limit_s=0.2, groups=group_jobs(jobs, stages, 2048))
+    verify_schedule(planned, jobs)
+    assert planned.groups == chosen
+    assert simulate(planned.microbatches, stages, cost).makespan_s <= simulate(ruled.microbatches, stages, cost).makespan_s

@@ -21,7 +21,7 @@ from lorafusion import qlora
 from lorafusion.kernels import SegmentMeta, build_segment_meta, fused_multi_lora_linear, lora_scaling
 from lorafusion.kernels.lora_linear import resolve_backend
 from lorafusion.kernels.nf4 import NF4Weight
-from lorafusion.modules.lora_linear import check_backend, check_lora_hyperparameters
+from lorafusion.modules.lora_linear import check_backend, check_lora_hyperparameters, default_adapter_dtype
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,8 @@ class MultiLoRALinear(nn.Module):
     quantize="nf4" the base weight is stored in 4-bit NF4 instead (`blocksize` elements per absmax,
     `double_quant` quantizing the absmax too, as in bitsandbytes) and dequantized into a shared
     workspace at each use; an `NF4Linear` or an NF4 `bitsandbytes.nn.Linear4bit` is taken as it
-    is, its storage shared. Adapters are
+    is, its storage shared. Adapters are kept in `adapter_dtype` (by default fp32 on a 16-bit or
+    NF4 base, as PEFT keeps them, and the base's dtype otherwise) and are
     added with `add_adapter`; `forward(x, batch)` takes x [tokens, in_features] (or [..., in_features],
     flattened in order) and a `MultiLoRABatch` saying which adapter owns which tokens, or takes the
     batch from an enclosing `multi_lora_batch(model, batch)` context. Each adapter's scaling and
@@ -120,6 +121,7 @@ class MultiLoRALinear(nn.Module):
         quantize: str | None = None,
         double_quant: bool = True,
         blocksize: int = 64,
+        adapter_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_backend(backend)
@@ -142,6 +144,7 @@ class MultiLoRALinear(nn.Module):
         self.weight = weight.requires_grad_(False)
         self.bias = bias.requires_grad_(False) if bias is not None else None
         self.backend = backend
+        self.adapter_dtype = default_adapter_dtype(weight.dtype, adapter_dtype)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.adapters: dict[str, AdapterSettings] = {}
@@ -177,7 +180,7 @@ class MultiLoRALinear(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists in this layer")
         check_lora_hyperparameters(r, lora_alpha, lora_dropout)
-        factory = {"dtype": self.weight.dtype, "device": self.weight.device}
+        factory = {"dtype": self.adapter_dtype, "device": self.weight.device}
         # kaiming_uniform_(a=sqrt(5)) as nn.Linear and PEFT use: bound = 1 / sqrt(fan_in).
         bound = 1.0 / math.sqrt(self.in_features)
         lora_A = torch.empty(r, self.in_features).uniform_(-bound, bound, generator=generator)

@@ -146,3 +146,18 @@ def test_bad_input():
         layer.add_adapter("rev")
     with pytest.raises(ValueError, match="r \\(the LoRA rank\\)"):
         layer.add_adapter("new", r=0)
+
+
+def test_adapters_are_fp32_on_a_16_bit_base_and_get_fp32_gradients():
+    layer = MultiLoRALinear(torch.nn.Linear(16, 8, dtype=torch.float16), backend="torch")
+    layer.add_adapter("a", r=2, lora_alpha=4)
+    torch.nn.init.normal_(layer.lora_B["a"])
+    assert layer.lora_A["a"].dtype == layer.lora_B["a"].dtype == torch.float32
+    x = torch.randn(5, 16, dtype=torch.float16)
+    y = layer(x, MultiLoRABatch(["a"], [5]))
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert layer.lora_A["a"].grad.dtype == torch.float32
+    fp16_adapters = MultiLoRALinear(torch.nn.Linear(16, 8, dtype=torch.float16), adapter_dtype=torch.float16)
+    fp16_adapters.add_adapter("a", r=2)
+    assert fp16_adapters.lora_A["a"].dtype == torch.float16

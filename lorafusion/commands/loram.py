@@ -145,8 +145,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorafusion.commands.generate import model_directory
+
     actions = {"prune": _prune, "align": _align, "recover": _recover, "report": _report}
     try:
+        if args.loram_command in ("prune", "align", "report"):
+            model_directory(args.model)
         return actions[args.loram_command](args)
     except (ValueError, FileNotFoundError, TypeError) as error:
         print(f"lorafusion loram {args.loram_command}: {error}", file=sys.stderr)

@@ -55,10 +55,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lorafusion.config import ALL_LINEAR, normalized_target_modules
 from lorafusion.kernels import BACKENDS, MAX_RANK
+from lorafusion.safe_yaml import YAMLInputError, load_yaml
 
 from .output_dir import RESERVED_NAMES
 
@@ -71,6 +70,15 @@ SCHEDULE_POLICIES = ("lorafusion", "megatron", "mlora")
 SOLVERS = ("milp", "greedy")
 PARALLEL_ENGINES = ("none", "megatron", "deepspeed")
 JOB_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
+
+# Far beyond any real run, and small enough that what is built from them (a job's list of sample
+# indices, torch's 64-bit seeds) is built at once: a typo such as `max_steps: 1e9` is refused
+# instead of hanging the run before its first step.
+MAX_STEPS = 10_000_000
+MAX_EPOCHS = 10_000
+MAX_GLOBAL_BATCH_SIZE = 10_000_000
+MAX_SAMPLES_PER_JOB = 100_000_000  # max_steps x global_batch_size, or epochs x records
+MAX_SEED = 2**32 - 1
 
 # The built-in byte tokenizer's vocabulary: 256 bytes + pad, bos, eos (see runtime.tokenizer).
 BYTE_TOKENIZER_VOCAB_SIZE = 259
@@ -212,9 +220,9 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError([(FILE_KEY, f"cannot read {config_path}: {_error_reason(error)}")]) from error
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError([(FILE_KEY, f"{config_path} is not valid YAML: {error}")]) from error
+        data = load_yaml(text, str(config_path))
+    except YAMLInputError as error:
+        raise ConfigError([(FILE_KEY, str(error))]) from None
     return parse_config(data, config_path.parent, config_path)
 
 
@@ -297,7 +305,7 @@ def _parse_model(checker: _Checker, section: object, uses_byte_tokenizer: bool) 
         config=dict(inline_config or {}),
         dtype=checker.choice(model, "dtype", "model", DTYPES, default="float32"),
         gradient_checkpointing=checker.boolean(model, "gradient_checkpointing", "model", default=False),
-        seed=checker.integer(model, "seed", "model", default=0, minimum=0),
+        seed=checker.integer(model, "seed", "model", default=0, minimum=0, limit=MAX_SEED),
         quantize=checker.choice(model, "quantize", "model", QUANTIZATIONS, default=None),
     )
 
@@ -398,8 +406,14 @@ def _parse_jobs(checker: _Checker, section: object, scheduler: SchedulerSpec, mo
             else:
                 first_index_of_name[name] = index
 
-        max_steps = checker.integer(job, "max_steps", where, default=None, minimum=1)
-        epochs = checker.number(job, "epochs", where, default=None, bounds="positive")
+        max_steps = checker.integer(job, "max_steps", where, default=None, minimum=1, limit=MAX_STEPS)
+        epochs = checker.number(job, "epochs", where, default=None, bounds="positive", maximum=MAX_EPOCHS)
+        global_batch_size = checker.integer(job, "global_batch_size", where, minimum=1, limit=MAX_GLOBAL_BATCH_SIZE)
+        if max_steps is not None and global_batch_size is not None and max_steps * global_batch_size > MAX_SAMPLES_PER_JOB:
+            checker.add(
+                f"{where}.max_steps",
+                f"max_steps x global_batch_size = {max_steps * global_batch_size:,} samples, more than {MAX_SAMPLES_PER_JOB:,}",
+            )
         if job.get("max_steps") is not None and job.get("epochs") is not None:
             checker.add(where, "max_steps and epochs are both set; set at most one")
         elif job.get("max_steps") is None and job.get("epochs") is None:
@@ -435,11 +449,11 @@ def _parse_jobs(checker: _Checker, section: object, scheduler: SchedulerSpec, mo
                 weight_decay=checker.number(job, "weight_decay", where, default=0.0, bounds="non_negative"),
                 warmup_steps=warmup_steps,
                 lr_schedule=checker.choice(job, "lr_schedule", where, LR_SCHEDULES, default="linear"),
-                global_batch_size=checker.integer(job, "global_batch_size", where, minimum=1),
+                global_batch_size=global_batch_size,
                 max_steps=max_steps,
                 epochs=epochs,
                 max_seq_len=max_seq_len,
-                seed=checker.integer(job, "seed", where, default=0, minimum=0),
+                seed=checker.integer(job, "seed", where, default=0, minimum=0, limit=MAX_SEED),
             )
         )
     return jobs
@@ -505,7 +519,9 @@ class _Checker:
         default: Any = _REQUIRED,
         minimum: int | None = None,
         maximum: int | None = None,
+        limit: int | None = None,
     ) -> Any:
+        """An integer in minimum..maximum (named as a range), and at most `limit` (a bound against typos)."""
         def validate(value: Any) -> str | None:
             if not _is_int(value):
                 return f"must be an integer, got {_describe(value)}"
@@ -513,12 +529,17 @@ class _Checker:
                 return f"must be in {minimum}..{maximum}, got {value}"
             if minimum is not None and value < minimum:
                 return f"must be >= {minimum}, got {value}"
+            if limit is not None and value > limit:
+                return f"must be <= {limit}, got {value}"
             return None
 
         return self._check(mapping, key, where, default, validate)
 
-    def number(self, mapping: dict, key: str, where: str, default: Any = _REQUIRED, bounds: str = "any") -> Any:
-        """A finite float; bounds "positive" (> 0), "non_negative" (>= 0), "probability" ([0, 1)) or "any"."""
+    def number(
+        self, mapping: dict, key: str, where: str, default: Any = _REQUIRED, bounds: str = "any", maximum: float | None = None
+    ) -> Any:
+        """A finite float; bounds "positive" (> 0), "non_negative" (>= 0), "probability" ([0, 1)) or "any";
+        at most `maximum`."""
 
         def validate(value: Any) -> str | None:
             number = _as_float(value)
@@ -530,6 +551,8 @@ class _Checker:
                 return f"must be >= 0, got {value}"
             if bounds == "probability" and not 0 <= number < 1:
                 return f"must be in [0, 1), got {value}"
+            if maximum is not None and number > maximum:
+                return f"must be <= {maximum:g}, got {value}"
             return None
 
         value = self._check(mapping, key, where, default, validate)
@@ -599,12 +622,10 @@ def _as_float(value: object) -> float | None:
     """A YAML number, or a string holding one (PyYAML reads `1e-3` as a string); None otherwise."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
+    if isinstance(value, (int, float, str)):
         try:
             return float(value)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: an integer beyond any float
             return None
     return None
 

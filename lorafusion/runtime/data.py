@@ -104,6 +104,8 @@ def _parse_record(path: Path, line_number: int, raw_line: bytes, format: str) ->
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise DataError(path, line_number, f"invalid JSON: {error.msg} (column {error.colno})") from error
+    except RecursionError:
+        raise DataError(path, line_number, "invalid JSON: nested too deeply") from None
     if not isinstance(record, dict):
         raise DataError(path, line_number, f"expected a JSON object, got {_json_type(record)}")
     fields = _FIELDS_OF_FORMAT[format]
@@ -113,6 +115,11 @@ def _parse_record(path: Path, line_number: int, raw_line: bytes, format: str) ->
             raise DataError(path, line_number, f'missing field "{field}" (format {format} needs {expected})')
         if not isinstance(record[field], str):
             raise DataError(path, line_number, f'field "{field}" must be a string, got {_json_type(record[field])}')
+        try:
+            record[field].encode("utf-8")
+        except UnicodeEncodeError as error:  # JSON admits escapes such as "\ud800" that are no character
+            bad = record[field][error.start]
+            raise DataError(path, line_number, f'field "{field}" holds a lone surrogate (\\u{ord(bad):04x}), not text') from None
     return {field: record[field] for field in fields}
 
 

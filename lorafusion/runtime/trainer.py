@@ -38,7 +38,7 @@ from lorafusion.config import LoRAConfig
 from lorafusion.modules import multi_lora_batch
 from lorafusion.scheduler import Job, Schedule, megatron_order, mlora_order, plan_schedule
 
-from .config import JobSpec, TrainConfig
+from .config import MAX_SAMPLES_PER_JOB, JobSpec, TrainConfig
 from .data import DataError, Sample, load_jsonl_dataset
 from .model import build_base_model
 from .output_dir import (
@@ -150,6 +150,11 @@ def training_order(num_samples: int, spec: JobSpec) -> list[int]:
         total = spec.max_steps * spec.global_batch_size
     else:
         total = math.ceil((spec.epochs if spec.epochs is not None else 1.0) * num_samples)
+        if total > MAX_SAMPLES_PER_JOB:
+            raise ValueError(
+                f"epochs={spec.epochs:g} over {num_samples:,} records is {total:,} samples, "
+                f"more than {MAX_SAMPLES_PER_JOB:,}: lower epochs"
+            )
     order: list[int] = []
     epoch = 0
     while len(order) < total:
@@ -199,6 +204,8 @@ class MultiJobTrainer:
             except DataError as error:
                 job.status, job.failure = "failed", str(error)
             self.jobs[spec.name] = job
+        if all(job.status == "failed" for job in self.jobs.values()):
+            raise self._no_job_can_train()
         self.model = build_base_model(config.model, self.device)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
             raise ValueError(
@@ -266,7 +273,11 @@ class MultiJobTrainer:
         if job.status == "failed":
             return
         spec = job.spec
-        job.order = training_order(len(job.samples), spec)
+        try:
+            job.order = training_order(len(job.samples), spec)
+        except ValueError as error:
+            job.status, job.failure = "failed", str(error)
+            return
         job.num_steps = math.ceil(len(job.order) / spec.global_batch_size)
         job.target_tokens, job.remaining = [], []
         for g in range(job.num_steps):
@@ -333,6 +344,8 @@ class MultiJobTrainer:
             for name, job in self.jobs.items()
             if job.status == "running"
         ]
+        if not scheduler_jobs:
+            raise self._no_job_can_train()
         spec, stages = self.config.scheduler, self.planning_stages
         if spec.policy == "lorafusion":
             schedule = plan_schedule(
@@ -350,6 +363,10 @@ class MultiJobTrainer:
         if save:
             write_atomically(path, schedule.to_json_dict() | {"fingerprint": fingerprint}, root=self.output_dir)
         return schedule
+
+    def _no_job_can_train(self) -> ValueError:
+        reasons = "; ".join(f"job {name!r}: {job.failure}" for name, job in self.jobs.items())
+        return ValueError(f"no job can train: {reasons}")
 
     # ---- checkpoints ----------------------------------------------------------------------------
 

@@ -68,6 +68,18 @@ class SegmentMeta:
         return p
 
 
+def _to_device(tables: list[list], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """The tables as tensors on `device`, in one host-to-device copy that does not wait for the GPU
+    (from pinned memory, non-blocking): the batch's metadata is built while the previous
+    microbatch still runs."""
+    flat = torch.tensor([value for table in tables for value in table], dtype=dtype)
+    if device.type == "cuda":
+        flat = flat.pin_memory().to(device, non_blocking=True)
+    else:
+        flat = flat.to(device)
+    return list(flat.split([len(table) for table in tables]))
+
+
 def build_segment_meta(
     segment_adapters: list[int],
     segment_lengths: list[int],
@@ -116,9 +128,10 @@ def build_segment_meta(
             blocks.append((adapter, block_start, min(block_start + block_m, start + length)))
         start += length
 
-    def int_tensor(values):
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
+    device = torch.device(device)
+    int_tables = [[b[0] for b in blocks], [b[1] for b in blocks], [b[2] for b in blocks], list(ranks), rank_offsets]
+    block_adapter, block_start, block_end, adapter_rank, adapter_rank_offset = _to_device(int_tables, torch.int32, device)
+    adapter_scaling, adapter_dropout_p = _to_device([list(scalings), list(dropout_ps)], torch.float32, device)
     return SegmentMeta(
         num_tokens=start,
         segments=tuple(segments),
@@ -126,13 +139,13 @@ def build_segment_meta(
         rank_offsets=tuple(rank_offsets),
         scalings=tuple(float(s) for s in scalings),
         dropout_ps=tuple(float(p) for p in dropout_ps),
-        block_adapter=int_tensor([b[0] for b in blocks]),
-        block_start=int_tensor([b[1] for b in blocks]),
-        block_end=int_tensor([b[2] for b in blocks]),
-        adapter_rank=int_tensor(list(ranks)),
-        adapter_rank_offset=int_tensor(rank_offsets),
-        adapter_scaling=torch.tensor(scalings, dtype=torch.float32, device=device),
-        adapter_dropout_p=torch.tensor(dropout_ps, dtype=torch.float32, device=device),
+        block_adapter=block_adapter,
+        block_start=block_start,
+        block_end=block_end,
+        adapter_rank=adapter_rank,
+        adapter_rank_offset=adapter_rank_offset,
+        adapter_scaling=adapter_scaling,
+        adapter_dropout_p=adapter_dropout_p,
         block_m=block_m,
     )
 

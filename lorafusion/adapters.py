@@ -101,7 +101,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     tensors = adapter_state_dict(model, adapter)
     multi_configs = get_multi_lora_configs(model)
     config = multi_configs[_multi_adapter(model, adapter)] if multi_configs else get_lora_config(model)
-    write_adapter_directory(tensors, config.to_peft_dict(), path)
+    peft_config = config.to_peft_dict()
+    if peft_config["base_model_name_or_path"] is None:
+        # What AutoPeftModelForCausalLM loads the base from: the name the model was loaded by.
+        peft_config["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    write_adapter_directory(tensors, peft_config, path)
     return Path(path)
 
 

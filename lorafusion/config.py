@@ -33,6 +33,10 @@ UNSUPPORTED_PEFT_FIELDS: dict[str, tuple[Any, ...]] = {
     "alora_invocation_tokens": (None,),
     "arrow_config": (None,),
 }
+# Initialisations that leave the base weights as they are: the trained adapter is a plain LoRA.
+# PiSSA, OLoRA, LoftQ and CorDA change the base weights, so their adapters do not fit the
+# unmodified base that lorafusion loads them onto.
+BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal", None)
 
 
 @dataclass
@@ -118,7 +122,17 @@ class LoRAConfig:
             raise ValueError(f"{source}: peft_type must be 'LORA', got {data.get('peft_type')!r}")
         for name, off_values in UNSUPPORTED_PEFT_FIELDS.items():
             if name in data and not any(data[name] == value for value in off_values):
-                raise ValueError(f"{source}: {name}={data[name]!r} is not supported by lorafusion")
+                raise ValueError(
+                    f"{source}: {name}={data[name]!r} is not supported by lorafusion (only plain LoRA adapters load; "
+                    f"PEFT's own forward runs this one, or use lorafusion.fuse_peft on the PEFT model)"
+                )
+        init = data.get("init_lora_weights", True)
+        if not any(init is value or init == value for value in BASE_PRESERVING_INITS):
+            raise ValueError(
+                f"{source}: init_lora_weights={init!r} changes the base model's weights (PiSSA, OLoRA, LoftQ, CorDA), so "
+                "this adapter is wrong on the unmodified base; convert it to a plain LoRA with PEFT first: "
+                "save_pretrained(path, path_initial_model_for_weight_conversion=<the initial adapter>)"
+            )
         for name in ("r", "lora_alpha", "target_modules"):
             if name not in data:
                 raise ValueError(f"{source}: missing field {name!r}")

@@ -201,3 +201,29 @@ def test_adapter_targets_absent_from_the_model(saved):
     config = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["wq", "wv"]}))
     assert_load_fails(base, path, ValueError, r"adapter_config.json: target_modules entries \['wq', 'wv'\] match no nn.Linear")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_adapters_that_changed_the_base_weights_are_refused_with_the_way_out(tiny_llama, tmp_path, init):
+    # PiSSA and OLoRA move part of W into the adapter: loaded onto the unmodified base, the model
+    # would be silently different (logits off by ~1 relative).
+    import peft
+
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(tiny_llama), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init)
+    )
+    peft_model.save_pretrained(tmp_path / init)
+    with pytest.raises(ValueError, match=rf"adapter_config.json: init_lora_weights='{init}' changes the base.*path_initial_model_for_weight_conversion"):
+        load_adapter(tiny_llama, tmp_path / init)
+    assert not lora_modules(tiny_llama)
+
+
+def test_saved_adapter_names_the_base_model_it_was_loaded_from(tiny_llama, tmp_path):
+    import transformers
+
+    tiny_llama.save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tmp_path / "base")

@@ -61,7 +61,9 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
         output_layer = _output_layer(model)
         selected = [name for name, module in named_modules if _is_linear(module) and module is not output_layer]
         if not selected:
-            raise ValueError(f"target_modules='all-linear' found no nn.Linear layer in {type(model).__name__}")
+            raise ValueError(
+                f"target_modules='all-linear' found no nn.Linear layer in {type(model).__name__}{_conv1d_hint(model)}"
+            )
         return selected
 
     matched = [(name, module) for name, module in named_modules if _name_matches(name, target_modules)]
@@ -69,7 +71,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
     if not_linear:
         raise ValueError(
             f"target_modules={target_modules!r} matches modules that are not nn.Linear, which cannot take "
-            f"a LoRA adapter: {_summary(not_linear)}"
+            f"a LoRA adapter: {_summary(not_linear)}{_conv1d_hint(model)}"
         )
     selected = [name for name, _ in matched]
     if isinstance(target_modules, str):
@@ -83,6 +85,17 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
             f"linear layer names there: {_summary(short_names)}"
         )
     return selected
+
+
+def _conv1d_hint(model: nn.Module) -> str:
+    """GPT-2-style models keep their projections in transformers' Conv1D (weight stored transposed,
+    PEFT's fan_in_fan_out), which lorafusion does not adapt: say so rather than 'not nn.Linear'."""
+    if not any(type(module).__name__ == "Conv1D" for module in model.modules()):
+        return ""
+    return (
+        f"; {type(model).__name__} keeps its projections in transformers' Conv1D layers (weights stored "
+        "transposed, PEFT's fan_in_fan_out=True), which lorafusion does not adapt: train this model with PEFT"
+    )
 
 
 def lora_modules(model: nn.Module) -> dict[str, FusedLoRALinear]:

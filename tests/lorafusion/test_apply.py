@@ -94,3 +94,13 @@ def test_hyperparameters_reach_the_layers(tiny_llama):
     layer = tiny_llama.model.layers[0].self_attn.o_proj
     assert (layer.r, layer.lora_dropout, layer.backend, layer.training) == (3, 0.2, "torch", False)
     assert layer.scaling == pytest.approx(12 / 3**0.5)
+
+
+def test_gpt2_conv1d_projections_are_named_in_the_refusal():
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
+    with pytest.raises(ValueError, match="Conv1D layers .*fan_in_fan_out"):
+        apply_lora(gpt2, LoRAConfig(r=2, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="found no nn.Linear layer in GPT2LMHeadModel; .*Conv1D"):
+        apply_lora(gpt2, LoRAConfig(r=2, target_modules="all-linear"))

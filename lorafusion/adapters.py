@@ -208,6 +208,23 @@ def _check_same_adapter_shape(model: nn.Module, current: LoRAConfig, loaded: LoR
         )
 
 
+def _check_saved_base_weights(model: nn.Module, tensors: dict, target_names: list[str], weights_file: Path) -> None:
+    """PEFT saves a targeted output layer's base weight beside its adapter (`lm_head.base_layer.weight`,
+    save_embedding_layers): it must be this model's weight, and is then dropped from `tensors`."""
+    for name in target_names:
+        key = f"{KEY_PREFIX}{name}.base_layer.weight"
+        if key not in tensors:
+            continue
+        module = model.get_submodule(name)
+        weight = module.weight
+        saved = tensors.pop(key)
+        if tuple(saved.shape) != tuple(weight.shape) or not torch.equal(saved.to(weight.dtype), weight.detach().cpu()):
+            raise ValueError(
+                f"{weights_file}: {key} differs from this model's {name}.weight: the adapter was saved with "
+                "another base model (or one whose output layer was changed)"
+            )
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, backend: str = "auto") -> nn.Module:
     """Load the adapter in directory `path` (lorafusion's or PEFT's save_pretrained) into `model`.
 
@@ -240,6 +257,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, backend: str = "auto
         target_names = _targeted_names(model, loaded_config, config_file)
 
     expected = {adapter_key(name, matrix): (name, matrix) for name in target_names for matrix in LORA_MATRICES}
+    _check_saved_base_weights(model, tensors, target_names, weights_file)
     missing = [key for key in expected if key not in tensors]
     unexpected = sorted(key for key in tensors if key not in expected)
     if missing:

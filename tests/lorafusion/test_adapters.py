@@ -227,3 +227,21 @@ def test_saved_adapter_names_the_base_model_it_was_loaded_from(tiny_llama, tmp_p
     save_adapter(model, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tmp_path / "base")
+
+
+def test_peft_adapter_on_lm_head_with_its_saved_base_weight_loads(tiny_llama, tmp_path, input_ids):
+    # PEFT saves lm_head.base_layer.weight beside an adapter that targets the output layer.
+    import peft
+
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(tiny_llama), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    )
+    peft_model.save_pretrained(tmp_path / "head")
+    model = load_adapter(copy.deepcopy(tiny_llama), tmp_path / "head", backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, peft_model(input_ids).logits, atol=1e-5, rtol=1e-5)
+    other_base = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        other_base.lm_head.weight.add_(1.0)
+    with pytest.raises(ValueError, match=r"lm_head.base_layer.weight differs from this model's lm_head.weight"):
+        load_adapter(other_base, tmp_path / "head")

@@ -127,6 +127,11 @@ def compute_adapters(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     return lora_A.to(x.dtype), lora_B.to(x.dtype)
 
 
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [tokens, in_features] (itself when already 2-D: no view node in the graph)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
 def lora_backward(ctx, dy, lora_dy, lora_dx_da) -> tuple:
     """The backward of a fused LoRA linear op (single- or multi-adapter): (dX, dW, dbias, dA, dB).
 
@@ -264,6 +269,6 @@ def fused_lora_linear(
     if x.numel() == 0:
         return torch.nn.functional.linear(x, _base_weight(weight, resolved), bias)
     y = LoRALinearFunction.apply(
-        x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), resolved, forward_impl
+        as_rows(x), weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), resolved, forward_impl
     )
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])

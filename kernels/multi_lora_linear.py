@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora_linear import _base_weight, check_dtypes_and_devices, compute_adapters, lora_backward, resolve_backend
+from .lora_linear import _base_weight, as_rows, check_dtypes_and_devices, compute_adapters, lora_backward, resolve_backend
 from .nf4 import NF4Weight
 from .reference import torch_keep_mask
 from .segments import SegmentMeta
@@ -200,7 +200,5 @@ def fused_multi_lora_linear(
         raise ValueError(f"backend={resolved!r} has no multi-adapter kernels; use 'triton', 'torch' or 'auto'")
     if tokens == 0:
         return torch.nn.functional.linear(x, _base_weight(weight, resolved), bias)
-    y = MultiLoRALinearFunction.apply(
-        x.reshape(-1, in_features), weight, bias, lora_A_cat, lora_B_cat, meta, resolved, dropout_seed
-    )
-    return y.reshape(*x.shape[:-1], out_features)
+    y = MultiLoRALinearFunction.apply(as_rows(x), weight, bias, lora_A_cat, lora_B_cat, meta, resolved, dropout_seed)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)

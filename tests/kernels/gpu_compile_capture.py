@@ -170,6 +170,22 @@ def fake_gpu(cc: int):
             raise NotImplementedError(f"indexing a fake CUDA tensor with {index!r} (not a view)")
         return self.as_strided(view.shape, view.stride(), view.storage_offset())
 
+    pin_memory = torch.Tensor.pin_memory
+
+    def pin_memory_of_fake(self, *args, **kwargs):
+        # Pinned host memory (for asynchronous copies) means nothing to a fake tensor.
+        return self if isinstance(self, FakeTensor) else pin_memory(self, *args, **kwargs)
+
+    to = torch.Tensor.to
+
+    def to_fake_cuda(self, *args, **kwargs):
+        # A copy onto the device takes a CUDA device guard too: a new fake CUDA tensor instead.
+        device, dtype, _, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if not isinstance(self, FakeTensor) or device is None or device.type != "cuda" or self.device == device:
+            return to(self, *args, **kwargs)
+        fmt = torch.preserve_format if memory_format is None else memory_format
+        return torch.empty_like(self, dtype=dtype or self.dtype, device=device, memory_format=fmt)
+
     previous_driver = driver._active
     driver.set_active(_FakeDriver(cc))
     try:
@@ -178,6 +194,8 @@ def fake_gpu(cc: int):
                 stack.enter_context(mock.patch.object(torch.cuda, name, value))
             stack.enter_context(mock.patch.object(torch, "tensor", tensor_on_fake_cuda))
             stack.enter_context(mock.patch.object(torch.Tensor, "__getitem__", getitem_on_fake_cuda))
+            stack.enter_context(mock.patch.object(torch.Tensor, "pin_memory", pin_memory_of_fake))
+            stack.enter_context(mock.patch.object(torch.Tensor, "to", to_fake_cuda))
             stack.enter_context(FakeTensorMode())
             stack.enter_context(_no_host_readback_mode())
             yield

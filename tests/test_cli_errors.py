@@ -97,6 +97,7 @@ CASES = [
     ("generate-bad-adapter", lambda t: ["generate", "--model", str(fake_model(t)), "--adapter", str(t), "--prompt", "x"], 2, ["--adapter", "adapter_config.json"]),
     ("generate-bad-device", lambda t: ["generate", "--model", str(fake_model(t)), "--prompt", "x", "--device", "gpu9"], 2, ["--device", "gpu9"]),
     ("generate-bad-tokenizer", lambda t: ["generate", "--model", str(fake_model(t)), "--prompt", "x", "--tokenizer", str(t / "tok")], 2, ["tokenizer", "tok"]),
+    ("generate-hub-id", lambda t: ["generate", "--model", "Qwen/Qwen2.5-0.5B", "--prompt", "x"], 2, ["--model", "Hugging Face Hub id", "hf download Qwen/Qwen2.5-0.5B --local-dir"]),
     # lorafusion plan
     ("plan-missing-jobs-file", lambda t: ["plan", "--jobs", str(t / "none.yaml")], 2, ["none.yaml", "cannot read"]),
     ("plan-invalid-yaml", lambda t: plan_jobs(t, "jobs: [name: a\n"), 2, ["jobs.yaml", "not valid YAML", "line"]),
@@ -119,6 +120,8 @@ CASES = [
     ("loram-report-missing-model", lambda t: ["loram", "report", "--model", str(t / "nope")], 2, ["--model", "nope", "not found"]),
     ("loram-align-missing-model", lambda t: ["loram", "align", "--model", str(t / "nope"), "--data", str(t / "d.jsonl"), "--out", str(t / "o"), "--steps", "1"], 2, ["--model", "nope", "not found"]),
     # lorafusion train: refused by validation, each key named
+    ("train-model-path-hub-id", lambda t: train_config_dict(t, lambda data: data.update(model={"path": "meta-llama/Llama-3.2-1B"})), 2, ["model.path", "directory not found", "hf download meta-llama/Llama-3.2-1B --local-dir models/Llama-3.2-1B"]),
+    ("train-tokenizer-hub-id", lambda t: train_config_dict(t, lambda data: data.update(tokenizer="meta-llama/Llama-3.2-1B")), 2, ["tokenizer", "downloads nothing", "hf download meta-llama/Llama-3.2-1B"]),
     ("train-invalid-yaml", lambda t: train_config(t, "jobs: [\n"), 2, ["config.yaml", "not valid YAML"]),
     ("train-not-utf8", lambda t: train_config(t, "model: \xff"), 2, ["config.yaml"]),
     ("train-duplicate-key", lambda t: train_yaml_with(t, "  lr: 0.01\n", "  lr: 0.01\n  lr: 0.02\n"), 2, ["config.yaml", "duplicate key 'lr'"]),

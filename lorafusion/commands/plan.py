@@ -20,6 +20,7 @@ The schedule JSON written by ``--out`` is documented in README ("Planning multi-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -66,7 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--time-limit", type=_positive(float), default=0.5, help="MILP time budget per global batch (all its groups together), seconds"
     )
     parser.add_argument("--no-milp", action="store_true", help="greedy first-fit-decreasing packing only")
-    parser.add_argument("--out", type=Path, help="write the schedule as JSON here")
+    parser.add_argument(
+        "--out", type=Path, help="write the schedule as JSON to this file, or to stdout with '-' (the summary then goes to stderr); "
+        "without --out no file is written"
+    )
     parser.add_argument(
         "--cost-model",
         type=Path,
@@ -179,7 +183,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if args.out is not None and not args.out.parent.is_dir():
+        if args.out is not None and not _to_stdout(args) and not args.out.parent.is_dir():
             raise ScheduleError(f"--out {args.out}: directory {args.out.parent} does not exist")
         jobs = load_jobs(args.jobs)
         schedule = plan_schedule(
@@ -196,6 +200,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorafusion plan: error: {error}", file=sys.stderr)
         return 2
 
+    # With the schedule on stdout, the summary must not mix into it.
+    with contextlib.redirect_stdout(sys.stderr) if _to_stdout(args) else contextlib.nullcontext():
+        _print_summary(args, jobs, schedule, cost, cost_label)
+    if _to_stdout(args):
+        sys.stdout.write(schedule.to_json() + "\n")
+    elif args.out is not None:
+        try:
+            args.out.write_text(schedule.to_json() + "\n", encoding="utf-8")
+        except OSError as error:
+            print(f"lorafusion plan: error: --out {args.out}: {error.strerror or error}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _to_stdout(args: argparse.Namespace) -> bool:
+    return args.out is not None and str(args.out) == "-"
+
+
+def _print_summary(args: argparse.Namespace, jobs, schedule, cost, cost_label: str) -> None:
     systems = simulate_systems(schedule, jobs, cost)  # baselines: lorafusion.scheduler.baselines
     ours = systems["lorafusion"]
     solve_times = [p.solve_time_s for p in schedule.packings]
@@ -221,11 +245,3 @@ def run(args: argparse.Namespace) -> int:
                 f"  {name}: {result.tokens_per_s:,.0f} tokens/s, bubble {result.bubble_fraction:.1%}; "
                 f"speedup {ours.tokens_per_s / result.tokens_per_s:.2f}x over {name}"
             )
-    if args.out is not None:
-        try:
-            args.out.write_text(schedule.to_json() + "\n", encoding="utf-8")
-        except OSError as error:
-            print(f"lorafusion plan: error: --out {args.out}: {error.strerror or error}", file=sys.stderr)
-            return 2
-        print(f"wrote {args.out}")
-    return 0

@@ -596,7 +596,7 @@ class _Checker:
             return None
         resolved = self.resolve(value)
         if not resolved.is_dir():
-            self.add(_join(where, key), f"directory not found: {resolved}")
+            self.add(_join(where, key), f"directory not found: {resolved}{hub_hint(value)}")
         return str(resolved)
 
     def file(self, mapping: dict, key: str, where: str) -> Path | None:
@@ -608,6 +608,23 @@ class _Checker:
         if not resolved.is_file():
             self.add(_join(where, key), f"file not found: {resolved}")
         return resolved
+
+
+# What a Hugging Face Hub repository id looks like ("meta-llama/Llama-3.2-1B"), as opposed to a path.
+HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def hub_hint(value: str) -> str:
+    """For a missing directory named like a Hub repository: nothing is downloaded (runs must not
+    depend on the network midway), so say how to fetch it first."""
+    if not HUB_ID_PATTERN.fullmatch(value):
+        return ""
+    local = f"models/{value.split('/')[1]}"
+    return (
+        f" ({value!r} looks like a Hugging Face Hub id: lorafusion downloads nothing, so download it first with "
+        f"`hf download {value} --local-dir {local}` (older huggingface_hub: `huggingface-cli download`) "
+        f"and give that directory)"
+    )
 
 
 def _join(where: str, key: str) -> str:

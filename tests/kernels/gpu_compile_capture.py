@@ -123,12 +123,21 @@ def _no_host_readback_mode():
     return NoHostReadback()
 
 
+@functools.cache
+def _fake_mode():
+    """One fake mode for every capture in the process: fake tensors that the kernels' modules keep
+    between calls (the NF4 dequantization workspace) belong to the mode that made them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode()
+
+
 @contextlib.contextmanager
 def fake_gpu(cc: int):
     """Tensors created on "cuda" are fake (shapes, strides and dtypes only), torch.cuda describes
     the target's GPU, and Triton's driver reports the target."""
     import torch
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
     from triton.runtime.driver import driver
 
     props = SimpleNamespace(
@@ -196,7 +205,7 @@ def fake_gpu(cc: int):
             stack.enter_context(mock.patch.object(torch.Tensor, "__getitem__", getitem_on_fake_cuda))
             stack.enter_context(mock.patch.object(torch.Tensor, "pin_memory", pin_memory_of_fake))
             stack.enter_context(mock.patch.object(torch.Tensor, "to", to_fake_cuda))
-            stack.enter_context(FakeTensorMode())
+            stack.enter_context(_fake_mode())
             stack.enter_context(_no_host_readback_mode())
             yield
     finally:

@@ -3,14 +3,15 @@
 Every PEFT LoRA `Linear` whose computation the fused op reproduces gets its forward replaced, on
 the instance, by one that calls `kernels.fused_lora_linear`; PEFT's modules, parameter names,
 `state_dict`, `save_pretrained`, `merge_and_unload`, `set_adapter` and `disable_adapter` are
-untouched, because nothing but the bound forward changes. `unfuse_peft` removes it again.
+untouched, because nothing but the bound forward changes. `unfuse_peft` removes it again. A
+bitsandbytes NF4 `Linear4bit` base (QLoRA) runs lorafusion's NF4 path on the same storage.
 
 The fused forward checks, on every call, that the call is one it computes as PEFT does: adapters
 enabled and not merged, one active adapter on the layer, plain LoRA (no DoRA or other variant, no
 `lora_bias`), no `adapter_names` mixed batch, a dense `nn.Linear` base in the input's dtype (or
 under autocast). Any other call runs PEFT's own forward, so a fused model is never silently
 different. Layers that can never be fused (embeddings, convolutions, `fan_in_fan_out`, DoRA,
-quantized bases) are left as they are and named in the report.
+8-bit or FP4 bases) are left as they are and named in the report.
 
 Numerics: the LoRA path computes in the input's dtype with fp32 accumulation, as PEFT's does under
 autocast; with fp32 adapters on a 16-bit base outside autocast PEFT computes that path in fp32,
@@ -32,6 +33,8 @@ from lorafusion.kernels.lora_linear import BACKENDS, fused_lora_linear
 logger = logging.getLogger(__name__)
 
 _FUSED_MARK = "_lorafusion_fused_backend"
+# The NF4 view (lorafusion's NF4Weight, sharing storage) of a bitsandbytes Linear4bit base.
+_NF4_BASE = "_lorafusion_nf4_base"
 
 
 @dataclass
@@ -50,21 +53,43 @@ class FusionReport:
 
 
 def _peft_lora_classes():
+    """(PEFT's LoraLayer, its dense Linear layer, its bitsandbytes Linear4bit layer or None)."""
     try:
         from peft.tuners.lora import LoraLayer
         from peft.tuners.lora.layer import Linear
     except ImportError as error:  # pragma: no cover - peft is what the caller brings
         raise ImportError("fuse_peft needs the peft package (pip install peft)") from error
-    return LoraLayer, Linear
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # bitsandbytes absent: PEFT defines no 4-bit layer
+        Linear4bit = None
+    return LoraLayer, Linear, Linear4bit
 
 
-def _never_fusable(module, linear_class) -> str | None:
-    """Why this PEFT LoRA layer can never take the fused forward, or None."""
-    if type(module) is not linear_class:
+def _nf4_base(base) -> tuple[object | None, str | None]:
+    """(lorafusion's NF4Weight view of a bitsandbytes NF4 Linear4bit base, None) or (None, why not)."""
+    from lorafusion import qlora
+
+    if not qlora.is_linear4bit(base):
+        return None, f"{type(base).__name__} base layers are not fused"
+    try:
+        weight, _ = qlora.nf4_from_linear4bit(base)
+    except ValueError as error:
+        return None, f"Linear4bit base: {error}"
+    return weight, None
+
+
+def _never_fusable(module, lora_linear_classes) -> str | None:
+    """Why this PEFT LoRA layer can never take the fused forward, or None (an NF4 base's view is
+    kept on the module)."""
+    if type(module) not in lora_linear_classes:
         return f"{type(module).__name__} layers are not fused"
     base = module.get_base_layer()
     if type(base) is not nn.Linear:
-        return f"{type(base).__name__} base layers are not fused"
+        nf4_weight, reason = _nf4_base(base)
+        if reason is not None:
+            return reason
+        setattr(module, _NF4_BASE, nf4_weight)
     if getattr(module, "fan_in_fan_out", False):
         return "fan_in_fan_out is not fused"
     for adapter in module.lora_A:
@@ -77,15 +102,16 @@ def _never_fusable(module, linear_class) -> str | None:
     return None
 
 
-def _fusable_call(module, x: torch.Tensor, args, kwargs) -> str | None:
+def _fusable_call(module, weight, x: torch.Tensor, args, kwargs) -> str | None:
     """The one active adapter when this call computes exactly as PEFT's forward would, else None."""
     if args or kwargs or module.disable_adapters or module.merged:
         return None
     active = [name for name in module.active_adapters if name in module.lora_A]
     if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
         return None
-    weight = module.get_base_layer().weight
-    if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+    autocasting = torch.is_autocast_enabled(x.device.type)
+    # A 4-bit base computes in its compute dtype, whatever autocast says: fused only when x has it.
+    if (autocasting and hasattr(module, _NF4_BASE)) or (not autocasting and x.dtype != weight.dtype):
         return None
     if x.device != weight.device or x.shape[-1] != weight.shape[1]:
         return None
@@ -93,11 +119,11 @@ def _fusable_call(module, x: torch.Tensor, args, kwargs) -> str | None:
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    adapter = _fusable_call(self, x, args, kwargs)
+    base = self.get_base_layer()
+    weight, bias = getattr(self, _NF4_BASE, base.weight), base.bias
+    adapter = _fusable_call(self, weight, x, args, kwargs)
     if adapter is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
-    weight, bias = base.weight, base.bias
     lora_A, lora_B = self.lora_A[adapter].weight, self.lora_B[adapter].weight
     if torch.is_autocast_enabled(x.device.type):
         # A custom autograd Function is not cast by autocast: cast as it would for F.linear.
@@ -116,12 +142,13 @@ def fuse_peft(model: nn.Module, backend: str = "auto") -> FusionReport:
     computes exactly use it, in place; returns the report and logs its one-line summary."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    lora_layer, linear_class = _peft_lora_classes()
+    lora_layer, linear_class, linear4bit_class = _peft_lora_classes()
+    lora_linear_classes = {linear_class, linear4bit_class} - {None}
     report = FusionReport()
     for name, module in model.named_modules():
         if not isinstance(module, lora_layer):
             continue
-        reason = _never_fusable(module, linear_class)
+        reason = _never_fusable(module, lora_linear_classes)
         if reason is not None:
             report.left[name] = reason
             continue
@@ -139,5 +166,7 @@ def unfuse_peft(model: nn.Module) -> int:
         if hasattr(module, _FUSED_MARK):
             del module.forward
             delattr(module, _FUSED_MARK)
+            if hasattr(module, _NF4_BASE):
+                delattr(module, _NF4_BASE)
             restored += 1
     return restored

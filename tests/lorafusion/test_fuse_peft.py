@@ -187,3 +187,47 @@ def test_hugging_face_trainer_reaches_the_same_adapter(tmp_path):
     assert fused.keys() == plain.keys()
     for name in fused:
         torch.testing.assert_close(fused[name], plain[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_bitsandbytes_nf4_base_runs_the_nf4_path(monkeypatch):
+    bnb = pytest.importorskip("bitsandbytes")
+
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            # Rows a multiple of the 64-element NF4 block: bitsandbytes' CPU kernel dequantizes other
+            # widths unlike its own format (seen with 0.50 on [64, 96]), its CUDA kernel does not.
+            self.up = torch.nn.Linear(64, 128)
+            self.down = torch.nn.Linear(128, 64, bias=False)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    torch.manual_seed(0)
+    model = TwoLayers()
+    for name in ("up", "down"):
+        linear = getattr(model, name)
+        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+        quantized.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        if linear.bias is not None:
+            quantized.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        setattr(model, name, quantized.to("cpu"))  # bitsandbytes quantizes on the move to a device
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["up", "down"], init_lora_weights=False))
+    x = torch.randn(10, 64)
+
+    def run():
+        peft_model.zero_grad()
+        y = peft_model(x)
+        y.pow(2).mean().backward()
+        return y.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if "lora_" in n}
+
+    expected_y, expected_grads = run()
+    counter = CountingFusedOp(monkeypatch)
+    report = fuse_peft(peft_model, backend="torch")
+    assert len(report.fused) == 2 and not report.left
+    y, grads = run()
+    assert counter.calls == 2
+    torch.testing.assert_close(y, expected_y, atol=1e-5, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)

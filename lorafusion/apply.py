@@ -58,6 +58,7 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
     named_modules = [(name, module) for name, module in model.named_modules() if name]
     linear_names = [name for name, module in named_modules if _is_linear(module)]
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        _check_all_linear_means_what_peft_means(model)
         output_layer = _output_layer(model)
         selected = [name for name, module in named_modules if _is_linear(module) and module is not output_layer]
         if not selected:
@@ -85,6 +86,23 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
             f"linear layer names there: {_summary(short_names)}"
         )
     return selected
+
+
+def _check_all_linear_means_what_peft_means(model: nn.Module) -> None:
+    """'all-linear' must select what PEFT's does, or be refused: an adapter PEFT would build
+    differently (or cannot read) is never written."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        raise ValueError(
+            f"target_modules='all-linear' on {type(model).__name__}: PEFT leaves the classification head out and trains "
+            "it fully (modules_to_save), which lorafusion does not; train sequence classification with PEFT"
+        )
+    experts = [name for name, module in model.named_modules() if any(p.dim() == 3 for p in module.parameters(recurse=False))]
+    if experts:
+        raise ValueError(
+            f"target_modules='all-linear' on {type(model).__name__}: PEFT also adapts its mixture-of-experts weights "
+            f"({_summary(experts)}: fused 3-D expert parameters, target_parameters), which lorafusion cannot; list the "
+            "modules to adapt instead, e.g. target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj']"
+        )
 
 
 def _conv1d_hint(model: nn.Module) -> str:

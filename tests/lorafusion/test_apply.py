@@ -104,3 +104,21 @@ def test_gpt2_conv1d_projections_are_named_in_the_refusal():
         apply_lora(gpt2, LoRAConfig(r=2, target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="found no nn.Linear layer in GPT2LMHeadModel; .*Conv1D"):
         apply_lora(gpt2, LoRAConfig(r=2, target_modules="all-linear"))
+
+
+def test_all_linear_is_refused_where_peft_would_adapt_other_modules():
+    import transformers
+
+    mixtral = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, num_local_experts=4,
+    ))
+    with pytest.raises(ValueError, match=r"mixture-of-experts weights \(model.layers.0.mlp.experts.*target_modules=\["):
+        apply_lora(mixtral, LoRAConfig(r=2, target_modules="all-linear"))
+    apply_lora(mixtral, LoRAConfig(r=2, target_modules=["q_proj", "v_proj"]))  # named modules: fine
+    classifier = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, num_labels=3, pad_token_id=0,
+    ))
+    with pytest.raises(ValueError, match="LlamaForSequenceClassification: PEFT leaves the classification head out"):
+        apply_lora(classifier, LoRAConfig(r=2, target_modules="all-linear"))

@@ -9,6 +9,10 @@ mixed ranks; every NF4 block size).
 The compiles run in a subprocess (the kernels must be imported without the interpreter that
 conftest.py turns on) and are cached by content under ~/.cache/lorafusion (LORAFUSION_CACHE_DIR).
 Under xdist each run uses one process, and the three runs spread over the workers.
+
+Cost, cold: about 730 compiles per sm_80/sm_90 run and 170 for the Triton 3.6 run, 0.6-1.3 CPU
+seconds each (plain fp32 and wide rank tiles cost most), so roughly 20 CPU minutes in all; warm
+(nothing changed in kernels/): only the capture, under a minute per run.
 """
 
 from __future__ import annotations

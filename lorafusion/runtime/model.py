@@ -17,6 +17,23 @@ ARCHITECTURES = {
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Checkpoint model types whose attention the packed-microbatch attention computes exactly (tested);
+# others (Gemma2's logit softcap, Falcon's own attention, encoder-decoders) would train a different
+# model or fail deep inside transformers.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def check_architecture(config: transformers.PretrainedConfig, source: str) -> None:
+    """One clear line for a checkpoint the runtime cannot train exactly."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"{source}: model_type {model_type!r} is not supported by the training runtime (supported: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}); for other models use lorafusion.fuse_peft in a PEFT script"
+        )
+    for option in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, option, None) is not None:
+            raise ValueError(f"{source}: {option}={getattr(config, option)} is not supported by the packed attention")
 
 
 def build_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> transformers.PreTrainedModel:
@@ -28,6 +45,7 @@ def build_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> tra
         # A LoRAM-pruned model: its layers differ in size, which from_pretrained cannot build.
         model = loram.load_pruned_model(spec.path, dtype=dtype, attn_implementation=PACKED_ATTENTION)
     elif spec.path is not None:
+        check_architecture(transformers.AutoConfig.from_pretrained(spec.path, local_files_only=True), f"model.path {spec.path}")
         model = transformers.AutoModelForCausalLM.from_pretrained(
             spec.path, local_files_only=True, dtype=dtype, attn_implementation=PACKED_ATTENTION
         )

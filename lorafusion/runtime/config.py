@@ -32,7 +32,7 @@ Shape (defaults in parentheses; see the dataclasses for meanings)::
         epochs: null
         max_seq_len: 512
         seed: 0
-    scheduler: {capacity: 4096, solver: milp, time_limit_s: 1.0, pad_multiple: 1}
+    scheduler: {capacity: 4096, solver: milp, time_limit_s: 0.5, pad_multiple: 1}
     parallel: {engine: none, pipeline_stages: 1, data_parallel: 1}
     output_dir: runs/NAME       # (runs/<config file stem>)
     checkpoint_every: 0         # optimizer steps per job between checkpoints; 0: only at the end
@@ -162,7 +162,7 @@ class SchedulerSpec:
     """How the jobs' samples are packed into microbatches (see lorafusion.scheduler).
 
     capacity: tokens per microbatch. solver: "milp" or "greedy" (first-fit decreasing).
-    time_limit_s: MILP time limit per packing problem. pad_multiple: each job's segment in a
+    time_limit_s: MILP time budget per global batch (shared by its groups). pad_multiple: each job's segment in a
     microbatch is padded to a multiple of this. policy: "lorafusion" (grouping, packing and
     dependency-aware ordering), or a baseline's schedule for comparisons: "megatron" (one job at a
     time, fixed-size microbatches, a pipeline flush after every global batch) or "mlora" (one job
@@ -171,7 +171,7 @@ class SchedulerSpec:
 
     capacity: int = 4096
     solver: str = "milp"
-    time_limit_s: float = 1.0
+    time_limit_s: float = 0.5
     pad_multiple: int = 1
     policy: str = "lorafusion"
 
@@ -342,7 +342,7 @@ def _parse_scheduler(checker: _Checker, section: object) -> SchedulerSpec:
     return SchedulerSpec(
         capacity=checker.integer(scheduler, "capacity", "scheduler", default=4096, minimum=1),
         solver=checker.choice(scheduler, "solver", "scheduler", SOLVERS, default="milp"),
-        time_limit_s=checker.number(scheduler, "time_limit_s", "scheduler", default=1.0, bounds="positive"),
+        time_limit_s=checker.number(scheduler, "time_limit_s", "scheduler", default=0.5, bounds="positive"),
         pad_multiple=checker.integer(scheduler, "pad_multiple", "scheduler", default=1, minimum=1),
         policy=checker.choice(scheduler, "policy", "scheduler", SCHEDULE_POLICIES, default="lorafusion"),
     )

@@ -12,7 +12,7 @@ Under xdist each run uses one process, and the three runs spread over the worker
 
 Cost, cold: about 730 compiles per sm_80/sm_90 run and 170 for the Triton 3.6 run, 0.6-1.3 CPU
 seconds each (plain fp32 and wide rank tiles cost most), so roughly 20 CPU minutes in all; warm
-(nothing changed in kernels/): only the capture, under a minute per run.
+(nothing changed in kernels/): the capture only, about a minute per run.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ bitsandbytes NF4 `Linear4bit` base (QLoRA) runs lorafusion's NF4 path on the sam
 
 The fused forward checks, on every call, that the call is one it computes as PEFT does: adapters
 enabled and not merged, one active adapter on the layer, plain LoRA (no DoRA or other variant, no
-`lora_bias`), no `adapter_names` mixed batch, a dense `nn.Linear` base in the input's dtype (or
-under autocast). Any other call runs PEFT's own forward, so a fused model is never silently
+`lora_bias`), a dense `nn.Linear` base in the input's dtype (or under autocast). A mixed batch
+(`adapter_names`, one adapter per sample) runs the multi-adapter kernels when the input has the
+base's dtype. Any other call runs PEFT's own forward, so a fused model is never silently
 different. Layers that can never be fused (embeddings, convolutions, `fan_in_fan_out`, DoRA,
 8-bit or FP4 bases) are left as they are and named in the report.
 
@@ -29,6 +30,8 @@ import torch
 from torch import nn
 
 from lorafusion.kernels.lora_linear import BACKENDS, fused_lora_linear
+from lorafusion.kernels.multi_lora_linear import fused_multi_lora_linear
+from lorafusion.kernels.segments import build_segment_meta
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +121,47 @@ def _fusable_call(module, weight, x: torch.Tensor, args, kwargs) -> str | None:
     return active[0]
 
 
+def _dropout_p(module, adapter: str) -> float:
+    dropout = module.lora_dropout[adapter]
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+
+def _mixed_batch_forward(module, weight, bias, x: torch.Tensor, adapter_names) -> torch.Tensor | None:
+    """PEFT's mixed batch (`adapter_names`, one per sample along x's first dimension) through the
+    multi-adapter kernels, or None when PEFT's own forward must run it. Samples of '__base__', or
+    of an adapter this layer does not hold, get the base output, as in PEFT."""
+    if module.disable_adapters or module.merged or torch.is_autocast_enabled(x.device.type):
+        return None
+    if x.dim() < 2 or len(adapter_names) != x.shape[0] or x.dtype != weight.dtype or x.device != weight.device:
+        return None
+    held = list(dict.fromkeys(name for name in adapter_names if name in module.lora_A))
+    if any(name in getattr(module, "lora_variant", {}) for name in held):
+        return None
+    index = {name: i for i, name in enumerate(held)}
+    base_only = len(held)  # a rank-0 adapter: adds nothing
+    rows_per_sample = x.numel() // (x.shape[0] * x.shape[-1])
+    segment_adapters = [index.get(name, base_only) for name in adapter_names]
+    if not held:
+        return None
+    meta = build_segment_meta(
+        segment_adapters,
+        [rows_per_sample] * len(adapter_names),
+        [module.lora_A[name].weight.shape[0] for name in held] + [0],
+        [float(module.scaling[name]) for name in held] + [1.0],
+        [_dropout_p(module, name) for name in held] + [0.0],
+        x.device,
+    )
+    lora_A_cat = torch.cat([module.lora_A[name].weight for name in held])
+    lora_B_cat = torch.cat([module.lora_B[name].weight for name in held], dim=1)
+    return fused_multi_lora_linear(x, weight, bias, lora_A_cat, lora_B_cat, meta, backend=getattr(module, _FUSED_MARK))
+
+
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.get_base_layer()
     weight, bias = getattr(self, _NF4_BASE, base.weight), base.bias
+    if not args and list(kwargs) == ["adapter_names"]:
+        y = _mixed_batch_forward(self, weight, bias, x, kwargs["adapter_names"])
+        return y if y is not None else type(self).forward(self, x, *args, **kwargs)
     adapter = _fusable_call(self, weight, x, args, kwargs)
     if adapter is None:
         return type(self).forward(self, x, *args, **kwargs)
@@ -130,10 +171,9 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    dropout = self.lora_dropout[adapter]
-    dropout_p = dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
     return fused_lora_linear(
-        x, weight, bias, lora_A, lora_B, float(self.scaling[adapter]), dropout_p, backend=getattr(self, _FUSED_MARK)
+        x, weight, bias, lora_A, lora_B, float(self.scaling[adapter]), _dropout_p(self, adapter),
+        backend=getattr(self, _FUSED_MARK),
     )
 
 

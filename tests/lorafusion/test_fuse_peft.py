@@ -13,6 +13,7 @@ import transformers
 
 from lorafusion import fuse_peft, unfuse_peft
 from lorafusion.kernels import lora_linear as fused_op
+from lorafusion.kernels import multi_lora_linear as fused_op_multi
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=96, max_position_embeddings=64)
@@ -120,20 +121,37 @@ def test_peft_api_and_file_format_are_unchanged(input_ids, tmp_path, monkeypatch
     assert counter.calls == 0
 
 
+def test_mixed_batches_run_the_multi_adapter_kernels(input_ids, monkeypatch):
+    model = tiny_peft_model("llama")
+    model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False))
+    model.eval()  # PEFT takes adapter_names only in eval mode
+    names = ["second", "__base__"]
+    with torch.no_grad():
+        expected_mixed = model(input_ids, adapter_names=names).logits
+        expected = model(input_ids).logits
+    fuse_peft(model, backend="torch")
+    calls = []
+    original = fused_op_multi.MultiLoRALinearFunction.apply
+    monkeypatch.setattr(fused_op_multi.MultiLoRALinearFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        mixed = model(input_ids, adapter_names=names).logits
+        torch.testing.assert_close(model(input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed, expected_mixed, atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2  # the two layers holding "second" (q_proj); the others run the base alone
+
+
 def test_calls_it_cannot_compute_exactly_run_peft_forward(input_ids, monkeypatch):
     model = tiny_peft_model("llama")
     model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-    model.eval()  # PEFT takes adapter_names only in eval mode
     fuse_peft(model, backend="torch")
     counter = CountingFusedOp(monkeypatch)
+    model.base_model.set_adapter(["default", "second"])  # two active adapters on q_proj: PEFT's forward there
     with torch.no_grad():
         fused = model(input_ids).logits
-        fused_calls = counter.calls
-        mixed = model(input_ids, adapter_names=["default", "second"]).logits  # mixed batch: PEFT's forward
-    assert fused_calls > 0 and counter.calls == fused_calls
+    fused_calls = counter.calls
+    assert 0 < fused_calls < len(fuse_peft(copy.deepcopy(model)).fused)
     unfuse_peft(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids, adapter_names=["default", "second"]).logits, mixed)
         torch.testing.assert_close(model(input_ids).logits, fused, atol=1e-5, rtol=1e-5)
     assert counter.calls == fused_calls
 

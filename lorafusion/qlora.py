@@ -244,14 +244,18 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> 
 
 
 def export_merged(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Dequantize, merge the adapters and save a standard checkpoint (safetensors) loadable into
-    the original, unquantized model: `path` is a .safetensors file, or a directory that gets
-    model.safetensors. Merging into the 4-bit base itself is refused (see FusedLoRALinear.merge);
-    this is the lossless way to ship a QLoRA fine-tune. Returns the file written."""
+    """Dequantize, merge the adapters and save a standard checkpoint loadable into the original,
+    unquantized model. `path` is a directory (created if needed) or a .safetensors file. Into a
+    directory go model.safetensors and, for a Hugging Face model, its config.json (without any
+    quantization_config, dtype set to `dtype`) and generation_config.json: a checkpoint that
+    `AutoModelForCausalLM.from_pretrained(path)` loads. A .safetensors file gets the tensors only.
+    Merging into the 4-bit base itself is refused (see FusedLoRALinear.merge); this is the
+    lossless way to ship a QLoRA fine-tune. Returns the tensor file written."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.suffix != ".safetensors":
+    directory = path.suffix != ".safetensors"
+    if directory:
         path.mkdir(parents=True, exist_ok=True)
         path = path / "model.safetensors"
     tensors = {key: tensor.contiguous() for key, tensor in merged_state_dict(model, dtype).items()}
@@ -261,8 +265,29 @@ def export_merged(model: nn.Module, path: str | os.PathLike, dtype: torch.dtype 
         if tensor.data_ptr() in seen:
             tensors[key] = tensor.clone()
         seen.add(tensor.data_ptr())
-    save_file(tensors, str(path))
+    # The "format" entry is what transformers' loader expects of a PyTorch safetensors checkpoint.
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    if directory:
+        _save_plain_config(model, path.parent, dtype)
     return path
+
+
+def _save_plain_config(model: nn.Module, directory: Path, dtype: torch.dtype) -> None:
+    """The model's Hugging Face config as that of a plain, unquantized `dtype` model (nothing for
+    a model without one)."""
+    import copy
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "save_pretrained"):
+        return
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    config.save_pretrained(directory)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+        generation_config.save_pretrained(directory)
 
 
 __all__ = [

@@ -7,6 +7,8 @@ import dataclasses
 import sys
 import warnings
 
+from ._interrupt import EXIT_INTERRUPTED, interrupted_message, is_reporting_rank, stop_gracefully_on_interrupt
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="training YAML (see examples/quickstart.yaml)")
@@ -23,14 +25,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "did not write are never deleted or replaced",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars or summary table")
+    parser.add_argument(
+        "--no-progress", action="store_true",
+        help="no per-step progress (bars on a terminal, log lines otherwise); the closing summary is still printed",
+    )
     parser.add_argument(
         "--stop-after", type=int, default=None, metavar="N", help="stop after N microbatches, as a killed run would"
     )
 
 
-def _run(config, args):
-    progress = not args.no_progress
+def _run(config, args, trainers: list):
+    progress = "summary" if args.no_progress else True
+    from transformers.utils import logging as transformers_logging
+
+    # Its one-shard "Writing model shards" bar (saving the base model) is noise among the run's own.
+    transformers_logging.disable_progress_bar()
     if config.parallel.engine == "megatron":
         from lorafusion.engines.megatron_engine import train_with_megatron
 
@@ -39,11 +48,12 @@ def _run(config, args):
         from lorafusion.engines.deepspeed_engine import train_with_deepspeed
 
         return train_with_deepspeed(config, args.resume, args.stop_after, progress)
+    from lorafusion.runtime.engine_imports import deepspeed_left_unimported
     from lorafusion.runtime.trainer import MultiJobTrainer
 
-    return MultiJobTrainer(config, device=args.device, progress=progress).train(
-        resume=args.resume, stop_after_microbatches=args.stop_after
-    )
+    with deepspeed_left_unimported():
+        trainers.append(MultiJobTrainer(config, device=args.device, progress=progress))
+        return trainers[-1].train(resume=args.resume, stop_after_microbatches=args.stop_after)
 
 
 def _one_line_run_state_warnings(show_other):
@@ -69,13 +79,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"lorafusion train: invalid config {args.config}:\n{error}", file=sys.stderr)
         return 2
     config = dataclasses.replace(config, overwrite=getattr(args, "overwrite", False))
+    trainers: list = []  # the single-process trainer, once built: Ctrl-C asks it to stop
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), stop_gracefully_on_interrupt(trainers):
             warnings.showwarning = _one_line_run_state_warnings(warnings.showwarning)
-            result = _run(config, args)
+            result = _run(config, args, trainers)
     except ValueError as error:  # a problem found before training (layout, process count, ...)
         print(f"lorafusion train: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if is_reporting_rank():
+            print(interrupted_message(args.config, trainers[-1] if trainers else None), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if trainers and trainers[-1].stop_requested and result.interrupted:
+        print(interrupted_message(args.config, trainers[-1]), file=sys.stderr)
+        return EXIT_INTERRUPTED
     failed = {name: job.failure for name, job in result.jobs.items() if job.status == "failed"}
     for name, reason in failed.items():
         print(f"lorafusion train: job {name!r} failed: {reason}", file=sys.stderr)

@@ -58,14 +58,49 @@ class ByteTokenizer:
         return "".join(pieces)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write lorafusion_tokenizer.json into `directory` (created if needed) for load_tokenizer."""
+        """Write lorafusion_tokenizer.json into `directory` (created if needed) for load_tokenizer,
+        and the same tokenizer in Hugging Face's format (tokenizer.json, tokenizer_config.json),
+        so that `transformers.AutoTokenizer.from_pretrained(directory)` loads it too."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        self.as_hf_tokenizer().save_pretrained(str(directory))
         description = {"type": "byte", "vocab_size": self.vocab_size}
         (directory / BYTE_TOKENIZER_FILE).write_text(json.dumps(description, indent=2) + "\n", encoding="utf-8")
 
+    def as_hf_tokenizer(self):
+        """This tokenizer as a transformers PreTrainedTokenizerFast: the same ids (byte b is id b,
+        then <pad>, <bos>, <eos>), and `tokenizer(text)` starts with <bos> as `lorafusion generate`
+        and the training samples do."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
+
+        # Byte-level BPE without merges: every byte, shown as GPT-2's printable stand-in, is one token.
+        vocabulary = {char: byte for byte, char in _byte_stand_ins().items()}
+        tokenizer = Tokenizer(models.BPE(vocab=vocabulary, merges=[]))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        specials = [self._SPECIAL_TOKEN_TEXT[i] for i in sorted(self._SPECIAL_TOKEN_TEXT)]
+        tokenizer.add_special_tokens(specials)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", self.bos_token_id)]
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
     def __repr__(self) -> str:
         return "ByteTokenizer()"
+
+
+def _byte_stand_ins() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the ByteLevel pre-tokenizer's alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 class HFTokenizer:

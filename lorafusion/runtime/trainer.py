@@ -22,6 +22,7 @@ Files under output_dir:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -59,6 +60,7 @@ from .output_dir import (
     write_atomically,
 )
 from .packing import PackedMicrobatch, pack_samples, padding_sample, per_token_loss
+from .progress import Progress, shows_summary
 from .run_directory import RUN_ENTRIES, RunDirectory, run_id_of
 from .run_state import read_metrics, read_status, status_record, warn
 from .tokenizer import load_tokenizer
@@ -111,6 +113,9 @@ class TrainResult:
     microbatches_run: int
     elapsed_s: float
     interrupted: bool = False
+    # Trained by this process; after a resume the jobs' `tokens` also count the earlier processes'.
+    tokens_this_process: int = 0
+    resumed: bool = False
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -191,7 +196,11 @@ class MultiJobTrainer:
         self.config = config
         self.run_directory: RunDirectory | None = None  # claimed by the process that sets up the run
         self._run_id: str | None = None
-        self._bars, self._tensorboard = {}, None
+        self._progress, self._tensorboard = Progress(False, {}), None
+        self._tokens_at_start: dict[str, int] = {}
+        self._resumed = False
+        # Set (by a signal handler, say) to stop before the next microbatch, as stop_after does.
+        self.stop_requested = False
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = progress
         self.output_dir = Path(config.output_dir)
@@ -405,6 +414,8 @@ class MultiJobTrainer:
         own_steps = sorted(self._steps_with_file(job, own_only=True))
         for old in own_steps[:-2]:
             self._stage_file(job, old).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # still holds another stage's file: that stage removes it
+                self._stage_file(job, old).parent.rmdir()
 
     def _steps_with_file(self, job: JobRun, own_only: bool = False) -> list[int]:
         steps = []
@@ -544,7 +555,7 @@ class MultiJobTrainer:
                     continue
                 self._run_microbatch(position, refs)
                 run += 1
-                if stop_after_microbatches is not None and run >= stop_after_microbatches:
+                if (stop_after_microbatches is not None and run >= stop_after_microbatches) or self.stop_requested:
                     return self._result(run, interrupted=True)
             return self.finish(run)
         finally:
@@ -567,7 +578,10 @@ class MultiJobTrainer:
                     self.publish_adapter(job)
             if self.is_reporter:
                 self._truncate_metrics()
-        self._bars = self._progress_bars() if self.is_reporter else {}
+        self._tokens_at_start = {name: job.tokens_seen for name, job in self.jobs.items()}
+        self._resumed = resume
+        running = {name: (job.step, job.num_steps) for name, job in self.jobs.items() if job.status == "running"}
+        self._progress = Progress(self.progress if self.is_reporter else False, running)
         self._tensorboard = None
         if self.is_reporter:
             refuse_links(self.output_dir, self.output_dir / TENSORBOARD_DIR)
@@ -616,14 +630,14 @@ class MultiJobTrainer:
 
     def finish(self, microbatches_run: int) -> TrainResult:
         self.release_output_dir()
+        self._progress.close()  # before the summary, which would otherwise print between the bars
         result = self._result(microbatches_run)
-        if self.progress and self.is_reporter:
+        if shows_summary(self.progress) and self.is_reporter:
             print_summary(result)
         return result
 
     def _close_progress(self) -> None:
-        for bar in self._bars.values():
-            bar.close()
+        self._progress.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
 
@@ -750,16 +764,14 @@ class MultiJobTrainer:
             "loss": job.batch_loss,
             "tokens": job.batch_tokens,
             "lr": job.lr_scheduler.get_last_lr()[0],
-            "tokens_per_s": job.tokens_seen / elapsed if elapsed > 0 else 0.0,
+            "tokens_per_s": (job.tokens_seen - self._tokens_at_start.get(job.name, 0)) / elapsed if elapsed > 0 else 0.0,
             "elapsed_s": elapsed,
         }
         append_line(self.output_dir / METRICS_FILE, json.dumps(record) + "\n", root=self.output_dir)
         if self._tensorboard is not None:
             for key in ("loss", "lr", "tokens_per_s"):
                 self._tensorboard.add_scalar(f"{job.name}/{key}", record[key], job.step)
-        if job.name in self._bars:
-            self._bars[job.name].update(1)
-            self._bars[job.name].set_postfix(loss=f"{job.last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        self._progress.step(job.name, job.step, job.num_steps, job.last_loss, record["tokens_per_s"])
 
     # ---- reporting ------------------------------------------------------------------------------
 
@@ -779,17 +791,6 @@ class MultiJobTrainer:
         finally:
             discard(staging)
 
-    def _progress_bars(self) -> dict:
-        if not self.progress:
-            return {}
-        from tqdm.auto import tqdm
-
-        return {
-            name: tqdm(total=job.num_steps, initial=job.step, desc=f"{name:>12}", position=i, unit="step", dynamic_ncols=True)
-            for i, (name, job) in enumerate(self.jobs.items())
-            if job.status == "running"
-        }
-
     def _result(self, microbatches: int, interrupted: bool = False) -> TrainResult:
         summaries = {
             name: JobSummary(
@@ -803,7 +804,10 @@ class MultiJobTrainer:
             )
             for name, job in self.jobs.items()
         }
-        return TrainResult(summaries, microbatches, time.perf_counter() - self._started, interrupted)
+        tokens_this_process = sum(job.tokens_seen - self._tokens_at_start.get(name, 0) for name, job in self.jobs.items())
+        return TrainResult(
+            summaries, microbatches, time.perf_counter() - self._started, interrupted, tokens_this_process, self._resumed
+        )
 
 
 def print_summary(result: TrainResult) -> None:
@@ -811,5 +815,8 @@ def print_summary(result: TrainResult) -> None:
     for name, job in result.jobs.items():
         where = str(job.adapter_dir) if job.adapter_dir else (job.failure or "")
         print(f"{name:>14}  {job.status:>8}  {job.steps:>4}/{job.num_steps:<4}  {job.final_loss:8.4f}  {job.tokens:9d}  {where}")
-    total = sum(job.tokens for job in result.jobs.values())
-    print(f"{result.microbatches_run} microbatches, {total} tokens in {result.elapsed_s:.1f} s ({total / max(result.elapsed_s, 1e-9):.0f} tokens/s)")
+    ran = result.tokens_this_process
+    line = f"{result.microbatches_run} microbatches, {ran} tokens in {result.elapsed_s:.1f} s ({ran / max(result.elapsed_s, 1e-9):.0f} tokens/s)"
+    if result.resumed:  # the throughput is this process's; the jobs' token counts are the whole run's
+        line = f"this process (resumed): {line}; whole run: {sum(job.tokens for job in result.jobs.values())} tokens"
+    print(line)

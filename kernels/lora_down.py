@@ -29,8 +29,10 @@ def _down_configs():
     )
 
 
-def _down_footprint(config, element_bytes, BLOCK_R, HAS_DROPOUT, **_):
-    block_m, block_k = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+def down_footprint(config, element_bytes, BLOCK_R, HAS_DROPOUT, BLOCK_M=None, **_):
+    """(shared bytes, fp32 accumulator elements) of a down-projection launch, for config pruning
+    (BLOCK_M is the config's, or the launch's for the multi-adapter kernel)."""
+    block_m, block_k = config.kwargs.get("BLOCK_M", BLOCK_M), config.kwargs["BLOCK_K"]
     shared = config.num_stages * (block_m * block_k + block_k * BLOCK_R) * element_bytes
     if HAS_DROPOUT:
         shared += block_m * block_k * 4
@@ -40,7 +42,7 @@ def _down_footprint(config, element_bytes, BLOCK_R, HAS_DROPOUT, **_):
 @triton.autotune(
     configs=_down_configs(),
     key=["K", "BLOCK_R", "HAS_DROPOUT", "M_BUCKET"],
-    prune_configs_by={"early_config_prune": prune_by_footprint(_down_footprint)},
+    prune_configs_by={"early_config_prune": prune_by_footprint(down_footprint)},
 )
 @triton.jit
 def _lora_down_kernel(

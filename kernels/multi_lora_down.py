@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .lora_down import down_footprint
 from .segments import SegmentMeta, segment_block
 from .utils import autotune_configs, dot_precision, keep_factor, prune_by_footprint, rank_block, tile_dot, triton, tl, upcast_dots
 
@@ -24,18 +25,10 @@ def _configs():
     )
 
 
-def _footprint(config, element_bytes, BLOCK_R, BLOCK_M, HAS_DROPOUT, **_):
-    block_k = config.kwargs["BLOCK_K"]
-    shared = config.num_stages * (BLOCK_M * block_k + block_k * BLOCK_R) * element_bytes
-    if HAS_DROPOUT:
-        shared += BLOCK_M * block_k * 4
-    return shared, BLOCK_M * BLOCK_R
-
-
 @triton.autotune(
     configs=_configs(),
     key=["K", "BLOCK_R", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": prune_by_footprint(_footprint)},
+    prune_configs_by={"early_config_prune": prune_by_footprint(down_footprint)},
 )
 @triton.jit
 def _multi_lora_down_kernel(

@@ -30,6 +30,7 @@ from lorafusion.apply import (
     multi_lora_modules,
 )
 from lorafusion.config import LoRAConfig
+from lorafusion.file_modes import follow_umask_tree
 from lorafusion.modules import FusedLoRALinear
 
 CONFIG_FILE = "adapter_config.json"
@@ -132,6 +133,7 @@ def write_adapter_directory(tensors: dict[str, torch.Tensor], peft_config: dict,
         for name in (WEIGHTS_FILE, CONFIG_FILE):
             with open(staging / name, "rb") as handle:
                 os.fsync(handle.fileno())
+        follow_umask_tree(staging)  # mkdtemp made it 0700, the weights' writer 0600
         replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -30,6 +30,8 @@ import time
 import weakref
 from pathlib import Path
 
+from lorafusion.file_modes import follow_umask
+
 MARKER_FILE = ".lorafusion-run.json"
 LOCK_FILE = ".lorafusion.lock"
 MANIFEST_FILE = ".lorafusion-files.json"
@@ -116,6 +118,7 @@ def write_atomically(path: Path, content: str | bytes | dict, root: Path | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)
     try:
+        follow_umask(handle)
         with os.fdopen(handle, "wb") as out:
             if isinstance(content, dict):
                 content = json.dumps(content, indent=1) + "\n"
@@ -251,6 +254,7 @@ def publish_files(source: Path, target: Path, root: Path | None = None) -> None:
                 f"{existing} was not written by lorafusion; it is never replaced: move it away or choose another directory"
             )
     for name in names:
+        follow_umask(source / name)
         with open(source / name, "rb") as handle:
             os.fsync(handle.fileno())
     write_atomically(target / MANIFEST_FILE, {"files": sorted(previous | set(names)), "complete": False})

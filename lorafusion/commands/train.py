@@ -51,9 +51,19 @@ def _run(config, args, trainers: list):
     from lorafusion.runtime.engine_imports import deepspeed_left_unimported
     from lorafusion.runtime.trainer import MultiJobTrainer
 
+    if _runs_on_cpu(args.device):
+        from lorafusion.runtime.threads import set_cpu_threads
+
+        set_cpu_threads()
     with deepspeed_left_unimported():
         trainers.append(MultiJobTrainer(config, device=args.device, progress=progress))
         return trainers[-1].train(resume=args.resume, stop_after_microbatches=args.stop_after)
+
+
+def _runs_on_cpu(device: str | None) -> bool:
+    import torch
+
+    return torch.device(device).type == "cpu" if device else not torch.cuda.is_available()
 
 
 def _one_line_run_state_warnings(show_other):

@@ -122,6 +122,7 @@ CASES = [
     # lorafusion train: refused by validation, each key named
     ("train-model-path-hub-id", lambda t: train_config_dict(t, lambda data: data.update(model={"path": "meta-llama/Llama-3.2-1B"})), 2, ["model.path", "directory not found", "hf download meta-llama/Llama-3.2-1B --local-dir models/Llama-3.2-1B"]),
     ("train-tokenizer-hub-id", lambda t: train_config_dict(t, lambda data: data.update(tokenizer="meta-llama/Llama-3.2-1B")), 2, ["tokenizer", "downloads nothing", "hf download meta-llama/Llama-3.2-1B"]),
+    ("train-bad-device", lambda t: [*train_config(t), "--device", "gpu9"], 2, ["--device", "gpu9", "not a torch device"]),
     ("train-invalid-yaml", lambda t: train_config(t, "jobs: [\n"), 2, ["config.yaml", "not valid YAML"]),
     ("train-not-utf8", lambda t: train_config(t, "model: \xff"), 2, ["config.yaml"]),
     ("train-duplicate-key", lambda t: train_yaml_with(t, "  lr: 0.01\n", "  lr: 0.01\n  lr: 0.02\n"), 2, ["config.yaml", "duplicate key 'lr'"]),

@@ -41,11 +41,13 @@ def _checkpoint_step(trainer, job) -> int | None:
     return int(files[0].parent.name.removeprefix("step-")) if files else None
 
 
-def interrupted_message(config_path: str, trainer=None) -> str:
+def interrupted_message(config_path: str, trainer=None, single_process: bool = True) -> str:
     """The one line printed on Ctrl-C: each unfinished job's step and newest complete checkpoint
     (what --resume continues from), and the command that resumes."""
     resume = f"resume with `lorafusion train {shlex.quote(config_path)} --resume`"
-    if trainer is None:  # stopped while loading, or a pipeline engine (no single trainer to ask)
+    if trainer is None and single_process:  # still loading data and model: nothing written yet
+        return "lorafusion train: interrupted before training started"
+    if trainer is None:  # a pipeline engine: no single trainer to ask
         return f"lorafusion train: interrupted; {resume}"
     where, finished = [], []
     for name, job in trainer.jobs.items():

@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_RANK_STOPPED_ANSWERING
     except KeyboardInterrupt:
         if is_reporting_rank():
-            print(interrupted_message(args.config, trainers[-1] if trainers else None), file=sys.stderr)
+            single_process = config.parallel.engine == "none"
+            print(interrupted_message(args.config, trainers[-1] if trainers else None, single_process), file=sys.stderr)
         return EXIT_INTERRUPTED
     if trainers and trainers[-1].stop_requested and result.interrupted:
         print(interrupted_message(args.config, trainers[-1]), file=sys.stderr)

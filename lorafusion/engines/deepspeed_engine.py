@@ -40,6 +40,7 @@ the same; the bubbles are larger.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 
@@ -50,6 +51,7 @@ from torch import nn
 from lorafusion.modules import multi_lora_batch
 from lorafusion.runtime.packing import per_token_loss
 
+from .liveness import process_groups, set_group_timeouts, watching_peers
 from .pipeline import PipelineTrainer, check_world, local_device_and_backend
 
 # train_batch() prints its loss every `steps_per_print` windows; the runtime logs per job instead.
@@ -98,8 +100,11 @@ class _WindowOptimizer(torch.optim.Optimizer):
 class DeepSpeedPipelineTrainer(PipelineTrainer):
     """PipelineTrainer whose execution is DeepSpeed's PipelineEngine, one train_batch() per window."""
 
-    def __init__(self, config, stage_index: int, device=None, progress: bool = True):
-        super().__init__(config, link_factory=lambda trainer: None, stage_index=stage_index, device=device, progress=progress)
+    def __init__(self, config, stage_index: int, device=None, progress: bool = True, peer_watch=None):
+        super().__init__(
+            config, link_factory=lambda trainer: None, stage_index=stage_index, device=device, progress=progress,
+            peer_watch=peer_watch,
+        )
         self.engine = None
         self._window: list = []
         self._window_refs: dict[int, list] = {}
@@ -126,6 +131,7 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
         params = [p for job in self.jobs.values() for p in job.named_parameters.values()]
         # A stage no job's adapters reach still needs an optimizer for DeepSpeed to call.
         optimizer = _WindowOptimizer(self, params or [torch.nn.Parameter(torch.zeros(0))])
+        existing_groups = process_groups()
         engine, *_ = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
@@ -140,6 +146,8 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
                 "pipeline": {"activation_checkpoint_interval": 0},
             },
         )
+        # DeepSpeed's groups (the pipeline's point-to-point pairs among them) get torch's default timeout.
+        set_group_timeouts(self.config.parallel.timeout_s, process_groups() - existing_groups)
         if engine.stage_id != self.stage_index:
             raise RuntimeError(f"DeepSpeed made process {dist.get_rank()} stage {engine.stage_id}, not {self.stage_index}")
         # With one data-parallel replica there is nothing to all-reduce.
@@ -289,10 +297,13 @@ def train_with_deepspeed(config, resume: bool = False, stop_after_microbatches: 
     deepspeed_logger.setLevel(logging.WARNING)
     device, backend = local_device_and_backend()
     owns_group = not dist.is_initialized()
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=config.parallel.timeout_s))
     try:
-        trainer = DeepSpeedPipelineTrainer(config, dist.get_rank(), device=device, progress=progress)
-        return trainer.train(resume=resume, stop_after_microbatches=stop_after_microbatches)
+        # DeepSpeed's point-to-point calls are its own: a timeout names the stalled rank from the
+        # heartbeats only.
+        with watching_peers(config.parallel.timeout_s, f"pipeline stage {dist.get_rank()}") as watch:
+            trainer = DeepSpeedPipelineTrainer(config, dist.get_rank(), device=device, progress=progress, peer_watch=watch)
+            return trainer.train(resume=resume, stop_after_microbatches=stop_after_microbatches)
     finally:
         if owns_group:
             dist.destroy_process_group()

@@ -5,10 +5,13 @@ P2PCommunicator for activations and gradients between stages, driving lorafusion
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import os
 
 import torch.distributed as dist
 
+from .liveness import watching_peers
 from .megatron_cpu import apply_cpu_compat
 from .pipeline import PipelineTrainer, check_world, local_device_and_backend
 
@@ -31,24 +34,40 @@ class MegatronLink:
         )
         self.comm = P2PCommunicator(self.group, config)
         self.first, self.last = trainer.stage_index == 0, trainer.is_last_stage
+        # Gloo's timeout error names no rank: each transfer names its peer for the message.
+        self.watching = trainer.peer_watch.waiting_on if trainer.peer_watch is not None else _unwatched
+        stage = trainer.stage_index
+        self.previous = f"rank {parallel_state.get_pipeline_model_parallel_prev_rank()} (pipeline stage {stage - 1})"
+        self.next = f"rank {parallel_state.get_pipeline_model_parallel_next_rank()} (pipeline stage {stage + 1})"
 
     def recv_forward(self, shape):
-        return self.comm.recv_forward(shape, self.first)
+        with self.watching(self.previous):
+            return self.comm.recv_forward(shape, self.first)
 
     def send_forward(self, tensor):
-        self.comm.send_forward(tensor, self.last)
+        with self.watching(self.next):
+            self.comm.send_forward(tensor, self.last)
 
     def send_forward_recv_backward(self, tensor, shape):
-        return self.comm.send_forward_recv_backward(tensor, shape, self.last)
+        with self.watching(self.next):
+            return self.comm.send_forward_recv_backward(tensor, shape, self.last)
 
     def send_backward_recv_forward(self, grad, shape):
-        return self.comm.send_backward_recv_forward(grad, shape, self.first)
+        with self.watching(self.previous):
+            return self.comm.send_backward_recv_forward(grad, shape, self.first)
 
     def recv_backward(self, shape):
-        return self.comm.recv_backward(shape, self.last)
+        with self.watching(self.next):
+            return self.comm.recv_backward(shape, self.last)
 
     def send_backward(self, grad):
-        self.comm.send_backward(grad, self.first)
+        with self.watching(self.previous):
+            self.comm.send_backward(grad, self.first)
+
+
+@contextlib.contextmanager
+def _unwatched(peer: str):
+    yield
 
 
 def train_with_megatron(
@@ -62,22 +81,29 @@ def train_with_megatron(
     apply_cpu_compat()
     device, backend = local_device_and_backend()
     owns_group = not dist.is_initialized()
+    timeout_s = config.parallel.timeout_s
     if owns_group:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=1, pipeline_model_parallel_size=config.parallel.pipeline_stages
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=config.parallel.pipeline_stages,
+        distributed_timeout_minutes=timeout_s / 60,
     )
+    stage, replica = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank()
+    role = f"pipeline stage {stage}" + (f", replica {replica}" if config.parallel.data_parallel > 1 else "")
     try:
-        trainer = PipelineTrainer(
-            config,
-            MegatronLink,
-            parallel_state.get_pipeline_model_parallel_rank(),
-            device=device,
-            progress=progress,
-            replica_index=parallel_state.get_data_parallel_rank(),
-            data_parallel_group=parallel_state.get_data_parallel_group(),
-        )
-        return trainer.train(resume=resume, stop_after_microbatches=stop_after_microbatches, schedule=schedule)
+        with watching_peers(timeout_s, role) as watch:
+            trainer = PipelineTrainer(
+                config,
+                MegatronLink,
+                stage,
+                device=device,
+                progress=progress,
+                replica_index=replica,
+                data_parallel_group=parallel_state.get_data_parallel_group(),
+                peer_watch=watch,
+            )
+            return trainer.train(resume=resume, stop_after_microbatches=stop_after_microbatches, schedule=schedule)
     finally:
         parallel_state.destroy_model_parallel()
         if owns_group:

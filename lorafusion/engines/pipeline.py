@@ -84,8 +84,10 @@ class PipelineTrainer(MultiJobTrainer):
         progress: bool = True,
         replica_index: int = 0,
         data_parallel_group=None,
+        peer_watch=None,
     ):
         self.num_stages = config.parallel.pipeline_stages
+        self.peer_watch = peer_watch  # liveness.PeerWatch: the link names the peer of each transfer to it
         self.stage_index = stage_index
         self.num_replicas = config.parallel.data_parallel
         self.replica_index = replica_index

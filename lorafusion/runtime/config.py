@@ -33,7 +33,7 @@ Shape (defaults in parentheses; see the dataclasses for meanings)::
         max_seq_len: 512
         seed: 0
     scheduler: {capacity: 4096, solver: milp, time_limit_s: 0.5, pad_multiple: 1}
-    parallel: {engine: none, pipeline_stages: 1, data_parallel: 1}
+    parallel: {engine: none, pipeline_stages: 1, data_parallel: 1, timeout_s: 600}
     output_dir: runs/NAME       # (runs/<config file stem>)
     checkpoint_every: 0         # optimizer steps per job between checkpoints; 0: only at the end
     log_every: 1
@@ -79,6 +79,10 @@ MAX_EPOCHS = 10_000
 MAX_GLOBAL_BATCH_SIZE = 10_000_000
 MAX_SAMPLES_PER_JOB = 100_000_000  # max_steps x global_batch_size, or epochs x records
 MAX_SEED = 2**32 - 1
+# parallel.timeout_s: under a second, ordinary jitter (a slow step, a checkpoint write) would stop
+# a run; above a week it is a typo (and near torch's int32 milliseconds).
+MIN_PARALLEL_TIMEOUT_S = 1.0
+MAX_PARALLEL_TIMEOUT_S = 7 * 24 * 3600.0
 
 # The built-in byte tokenizer's vocabulary: 256 bytes + pad, bos, eos (see runtime.tokenizer).
 BYTE_TOKENIZER_VOCAB_SIZE = 259
@@ -184,6 +188,9 @@ class ParallelSpec:
     pipeline_stages: int = 1
     data_parallel: int = 1
     stage_layers: tuple[int, ...] | None = None  # decoder layers per stage; None: balanced by cost
+    # Seconds a rank waits on another (a send, receive or collective) before the run stops, naming
+    # the rank that stopped answering; the engines pass it to every process group they create.
+    timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -358,7 +365,12 @@ def _parse_parallel(checker: _Checker, section: object) -> ParallelSpec:
         pipeline_stages=checker.integer(parallel, "pipeline_stages", "parallel", default=1, minimum=1),
         data_parallel=checker.integer(parallel, "data_parallel", "parallel", default=1, minimum=1),
         stage_layers=_stage_layers(checker, parallel),
+        timeout_s=checker.number(
+            parallel, "timeout_s", "parallel", default=600.0, bounds="positive", maximum=MAX_PARALLEL_TIMEOUT_S
+        ),
     )
+    if spec.timeout_s is not None and spec.timeout_s < MIN_PARALLEL_TIMEOUT_S:
+        checker.add("parallel.timeout_s", f"must be >= {MIN_PARALLEL_TIMEOUT_S:g} (seconds), got {parallel['timeout_s']}")
     if spec.stage_layers is not None and spec.pipeline_stages is not None and len(spec.stage_layers) != spec.pipeline_stages:
         checker.add(
             "parallel.stage_layers",

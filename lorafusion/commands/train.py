@@ -10,6 +10,10 @@ import warnings
 from ._interrupt import EXIT_INTERRUPTED, interrupted_message, is_reporting_rank, stop_gracefully_on_interrupt
 
 
+# Distinct from a config error (2) and a failed job (1): the run itself was cut short by another rank.
+EXIT_RANK_STOPPED_ANSWERING = 3
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="training YAML (see examples/quickstart.yaml)")
     existing = parser.add_mutually_exclusive_group()
@@ -84,6 +88,7 @@ def _one_line_run_state_warnings(show_other):
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorafusion.engines.liveness import RankStoppedAnswering
     from lorafusion.runtime.config import ConfigError, load_config
 
     try:
@@ -100,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:  # a problem found before training (layout, process count, ...)
         print(f"lorafusion train: {error}", file=sys.stderr)
         return 2
+    except RankStoppedAnswering as error:  # parallel.timeout_s: another rank hung or vanished
+        print(f"lorafusion train: {error}", file=sys.stderr)
+        return EXIT_RANK_STOPPED_ANSWERING
     except KeyboardInterrupt:
         if is_reporting_rank():
             single_process = config.parallel.engine == "none"

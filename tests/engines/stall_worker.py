@@ -20,16 +20,16 @@ from lorafusion.engines.pipeline import PipelineTrainer
 def main() -> int:
     stall_rank, pid_dir, rank = int(sys.argv[1]), Path(sys.argv[2]), int(os.environ["RANK"])
     _write(pid_dir / f"rank-{rank}", os.getpid())
-    backward = PipelineTrainer._backward
+    timed = PipelineTrainer._timed  # both engines time each forward and backward through it
 
-    def backward_then_stall(self, item, output_grad):
-        grad = backward(self, item, output_grad)
-        if rank == stall_rank:
+    def timed_then_stall(self, kind, tokens, work):
+        result = timed(self, kind, tokens, work)
+        if kind == "backward" and rank == stall_rank:
             _write(pid_dir / "stalled", os.getpid())
             os.kill(os.getpid(), signal.SIGSTOP)
-        return grad
+        return result
 
-    PipelineTrainer._backward = backward_then_stall
+    PipelineTrainer._timed = timed_then_stall
     return train.main(sys.argv[3:])
 
 

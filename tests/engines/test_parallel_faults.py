@@ -63,9 +63,10 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.multiprocess
-def test_a_stopped_rank_is_named_and_the_others_exit(tmp_path):
+@pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
+def test_a_stopped_rank_is_named_and_the_others_exit(tmp_path, engine):
     timeout_s = 3
-    config = pipeline_config(tmp_path, "megatron", "stalled")
+    config = pipeline_config(tmp_path, engine, "stalled")
     config["parallel"]["timeout_s"] = timeout_s
     config_path, pids, logs = tmp_path / "stalled.yaml", tmp_path / "pids", tmp_path / "logs"
     config_path.write_text(yaml.safe_dump(config))

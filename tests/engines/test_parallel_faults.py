@@ -45,9 +45,8 @@ def test_bad_timeout_is_refused_naming_the_key(tmp_path, value, reason):
     data["parallel"] = {"engine": "megatron", "pipeline_stages": 2, "timeout_s": value}
     with pytest.raises(ConfigError) as error:
         parse_config(data, tmp_path)
-    assert str(error.value) == f"parallel.timeout_s: {reason}, got {value}" or (
-        f"parallel.timeout_s: {reason}" in str(error.value) and "\n" not in str(error.value)
-    )
+    message = str(error.value)
+    assert message.startswith(f"parallel.timeout_s: {reason}") and "\n" not in message, message
 
 
 def test_timeout_defaults_to_ten_minutes(tmp_path):

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import custom_ops
 from .cuda_backend import _CudaOps, require_cuda_backend
 from .nf4 import NF4Weight, dequantize_workspace
 from .utils import MAX_RANK, new_dropout_seed, require_triton, triton_usable
@@ -37,63 +37,7 @@ FORWARD_IMPLS = ("cublas", "triton_gemm")
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-class _TorchOps:
-    """The memory-bound ops in plain torch; dropout's keep-mask regenerated from the seed."""
 
-    @staticmethod
-    def _keep(x: torch.Tensor, dropout_p: float, seed: int):
-        if dropout_p == 0.0:
-            return None
-        return reference.torch_keep_mask(seed, tuple(x.shape), dropout_p, x.device)
-
-    @classmethod
-    def lora_down(cls, x, lora_A, dropout_p, seed):
-        return reference.lora_down_reference(x, lora_A, cls._keep(x, dropout_p, seed), dropout_p)
-
-    @staticmethod
-    def lora_dy(dy, lora_B, s, scaling):
-        return reference.lora_dy_reference(dy, lora_B, s, scaling)
-
-    @classmethod
-    def lora_dx_da(cls, ds, lora_A, x, dropout_p, seed, dx_out):
-        keep = cls._keep(x, dropout_p, seed)
-        dx_lora, da = reference.lora_dx_da_reference(ds, lora_A, x, keep, dropout_p)
-        if dx_out is not None:
-            dx_out.copy_(dx_lora)
-        return da
-
-    @staticmethod
-    def linear_lora_gemm(x, weight, bias, s, lora_B, scaling):
-        raise ValueError("forward_impl='triton_gemm' needs backend='triton'")
-
-
-class _TritonOps:
-    @staticmethod
-    def lora_down(x, lora_A, dropout_p, seed):
-        from .lora_down import lora_down
-
-        return lora_down(x, lora_A, dropout_p, seed)
-
-    @staticmethod
-    def lora_dy(dy, lora_B, s, scaling):
-        from .lora_dy import lora_dy
-
-        return lora_dy(dy, lora_B, s, scaling)
-
-    @staticmethod
-    def lora_dx_da(ds, lora_A, x, dropout_p, seed, dx_out):
-        from .lora_dx_da import lora_dx_da
-
-        return lora_dx_da(ds, lora_A, x, dropout_p, seed, dx_out)
-
-    @staticmethod
-    def linear_lora_gemm(x, weight, bias, s, lora_B, scaling):
-        from .linear_lora_gemm import linear_lora_gemm
-
-        return linear_lora_gemm(x, weight, bias, s, lora_B, scaling)
-
-
-_OPS = {"torch": _TorchOps, "triton": _TritonOps, "cuda": _CudaOps}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -135,11 +79,12 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
 def lora_backward(ctx, dy, lora_dy, lora_dx_da) -> tuple:
     """The backward of a fused LoRA linear op (single- or multi-adapter): (dX, dW, dbias, dA, dB).
 
-    ctx holds (x, weight or None for an NF4 base, lora_A, lora_B, S) with the adapters in x's
-    dtype, and quantized_weight, backend, has_bias, adapter_dtype (the dtype of their gradients). lora_dy(dY, B, S) -> (dS, dB in fp32) is the pass over dY; lora_dx_da(dS, A, X,
-    dX or None) writes the LoRA part of dX and returns dA in fp32; cuBLAS adds dY W to dX.
+    ctx holds (x, weight or None for an NF4 base, lora_A, lora_B, S, ...) with the adapters in x's
+    dtype, and quantized_weight, backend, has_bias, adapter_dtype (the dtype of their gradients).
+    lora_dy(dY, B, S) -> (dS, dB in fp32) is the pass over dY; lora_dx_da(dS, A, X, need_dx) ->
+    (the LoRA part of dX or None, dA in fp32); cuBLAS adds dY W to dX.
     """
-    x, weight, lora_A, lora_B, s = ctx.saved_tensors
+    x, weight, lora_A, lora_B, s = ctx.saved_tensors[:5]
     need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
@@ -150,8 +95,7 @@ def lora_backward(ctx, dy, lora_dy, lora_dx_da) -> tuple:
     if need_db:
         grad_B = db.to(ctx.adapter_dtype)
     if need_dx or need_da:
-        dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_dx else None
-        da = lora_dx_da(ds, lora_A, x2d, dx)
+        dx, da = lora_dx_da(ds, lora_A, x2d, need_dx)
         if need_da:
             grad_A = da.to(ctx.adapter_dtype)
         if need_dx:
@@ -166,41 +110,48 @@ def lora_backward(ctx, dy, lora_dy, lora_dx_da) -> tuple:
 
 
 class LoRALinearFunction(torch.autograd.Function):
+    """The memory-bound ops are torch custom ops (custom_ops.py), so torch.compile traces this
+    Function whole; an NF4 base (a non-tensor) runs in eager mode only."""
+
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_A, lora_B, scaling, dropout_p, backend, forward_impl):
         """x2d is [tokens, in_features]: the caller reshapes outside the Function, so that the
         output is no view created inside it and in-place use of it (`out += residual`) works as on
         nn.Linear."""
-        ops = _OPS[backend]
         ctx.adapter_dtype = lora_A.dtype
         lora_A, lora_B = compute_adapters(x2d, lora_A, lora_B)
-        seed = new_dropout_seed(x2d.device) if dropout_p > 0.0 else 0
-        s = ops.lora_down(x2d, lora_A, dropout_p, seed)
+        # No draw without dropout: the generator's stream is left as it was.
+        seed = new_dropout_seed() if dropout_p > 0.0 else torch.zeros((), dtype=torch.int64)
+        s = custom_ops.lora_down(x2d, lora_A, dropout_p, seed, backend)
         quantized_weight = weight if isinstance(weight, NF4Weight) else None
         weight = _base_weight(weight, backend)
         if forward_impl == "triton_gemm":
-            y = ops.linear_lora_gemm(x2d, weight, bias, s, lora_B, scaling)
+            y = custom_ops.linear_lora_gemm(x2d, weight, bias, s, lora_B, scaling, backend)
         else:
             y = torch.nn.functional.linear(x2d, weight, bias)
             y.addmm_(s, lora_B.t(), alpha=scaling)
         # An NF4 weight is kept as such (a non-tensor on ctx), never its dequantized workspace.
-        ctx.save_for_backward(x2d, None if quantized_weight is not None else weight, lora_A, lora_B, s)
+        ctx.save_for_backward(x2d, None if quantized_weight is not None else weight, lora_A, lora_B, s, seed)
         ctx.quantized_weight = quantized_weight
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
-        ctx.seed = seed
         ctx.backend = backend
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        ops = _OPS[ctx.backend]
+        seed = ctx.saved_tensors[5]
+
+        def lora_dx_da(ds, lora_A, x2d, need_dx):
+            dx, da = custom_ops.lora_dx_da(ds, lora_A, x2d, ctx.dropout_p, seed, ctx.backend, need_dx)
+            return (dx if need_dx else None), da
+
         grads = lora_backward(
             ctx,
             dy,
-            lambda dy2d, lora_B, s: ops.lora_dy(dy2d, lora_B, s, ctx.scaling),
-            lambda ds, lora_A, x2d, dx: ops.lora_dx_da(ds, lora_A, x2d, ctx.dropout_p, ctx.seed, dx),
+            lambda dy2d, lora_B, s: custom_ops.lora_dy(dy2d, lora_B, s, ctx.scaling, ctx.backend),
+            lora_dx_da,
         )
         return *grads, None, None, None, None
 

@@ -121,6 +121,12 @@ class _TritonMultiOps:
 _OPS = {"torch": _TorchMultiOps, "triton": _TritonMultiOps}
 
 
+def _dx_da(ops, ds, lora_A_cat, x2d, meta, seed, need_dx):
+    """(the LoRA part of dX or None, dA_cat in fp32), as lora_backward takes them."""
+    dx = torch.empty_like(x2d, memory_format=torch.contiguous_format) if need_dx else None
+    return dx, ops.dx_da(ds, lora_A_cat, x2d, meta, seed, dx)
+
+
 class MultiLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, bias, lora_A_cat, lora_B_cat, meta, backend, dropout_seed):
@@ -131,7 +137,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         if not meta.has_dropout:
             seed = 0
         else:
-            seed = new_dropout_seed(x2d.device) if dropout_seed is None else dropout_seed
+            seed = int(new_dropout_seed()) if dropout_seed is None else dropout_seed
         s = ops.down(x2d, lora_A_cat, meta, seed)
         y = ops.up(s, lora_B_cat, bias, meta)
         quantized_weight = weight if isinstance(weight, NF4Weight) else None
@@ -150,7 +156,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
             ctx,
             dy,
             lambda dy2d, lora_B_cat, s: ops.dy(dy2d, lora_B_cat, s, meta),
-            lambda ds, lora_A_cat, x2d, dx: ops.dx_da(ds, lora_A_cat, x2d, meta, ctx.seed, dx),
+            lambda ds, lora_A_cat, x2d, need_dx: _dx_da(ops, ds, lora_A_cat, x2d, meta, ctx.seed, need_dx),
         )
         return *grads, None, None, None
 

@@ -61,12 +61,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def new_dropout_seed(device: torch.device) -> int:
-    """A Philox seed drawn on the host from torch's CPU generator: torch.manual_seed makes dropout
-    repeatable, and no value is read back from the GPU (no host-device sync per layer, and the
-    forward stays capturable in a CUDA graph). `device` is accepted for symmetry and unused."""
+def new_dropout_seed(device: torch.device | None = None) -> torch.Tensor:
+    """A Philox seed as a 0-d int64 CPU tensor, drawn from torch's CPU generator: torch.manual_seed
+    makes dropout repeatable, nothing is read back from the GPU (no host-device sync per layer),
+    and under torch.compile it is drawn inside the graph, fresh at every call. `device` is unused:
+    the seed lives on the host whatever the data's device."""
     del device
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
 
 
 # Shared memory a config may plan for when no GPU tells us its own limit: the per-block opt-in

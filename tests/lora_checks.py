@@ -56,7 +56,7 @@ def keep_mask_for(backend, tokens, in_features, p, device="cpu", dropout_seed=DR
         return None
     device = torch.device(device)
     torch.manual_seed(dropout_seed)
-    seed = new_dropout_seed(device)
+    seed = int(new_dropout_seed())
     if backend == "triton":
         return triton_keep_mask(seed, tokens, in_features, p, device)
     if backend == "cuda":

@@ -51,7 +51,7 @@ def reference_keep(backend, meta, tokens, in_features):
     if not meta.has_dropout:
         return None
     torch.manual_seed(DROPOUT_SEED)
-    seed = new_dropout_seed(torch.device("cpu"))
+    seed = int(new_dropout_seed())
     masks_by_p = {
         p: triton_keep_mask(seed, tokens, in_features, p, torch.device("cpu"))
         if backend == "triton"

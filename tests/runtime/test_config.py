@@ -99,7 +99,7 @@ def test_defaults(base_dir: Path) -> None:
         max_seq_len=512,
         seed=0,
     )
-    assert (config.scheduler.capacity, config.scheduler.solver, config.scheduler.time_limit_s) == (4096, "milp", 1.0)
+    assert (config.scheduler.capacity, config.scheduler.solver, config.scheduler.time_limit_s) == (4096, "milp", 0.5)
     assert config.scheduler.pad_multiple == 1
     assert (config.parallel.engine, config.parallel.pipeline_stages, config.parallel.data_parallel) == ("none", 1, 1)
     assert (config.checkpoint_every, config.log_every, config.backend) == (0, 1, "auto")

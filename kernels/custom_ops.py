@@ -18,10 +18,15 @@ from .lora_ops import TorchOps, TritonOps
 _OPS = {"torch": TorchOps, "triton": TritonOps, "cuda": _CudaOps}
 
 
+def _seed(seed: Tensor, dropout_p: float) -> int:
+    """The seed's value, read (on the host) only when there is dropout to draw."""
+    return int(seed) if dropout_p > 0.0 else 0
+
+
 @torch.library.custom_op("lorafusion::lora_down", mutates_args=())
 def lora_down(x: Tensor, lora_A: Tensor, dropout_p: float, seed: Tensor, backend: str) -> Tensor:
     """S [M, r] = dropout(X) A^T in X's dtype."""
-    return _OPS[backend].lora_down(x, lora_A, dropout_p, int(seed))
+    return _OPS[backend].lora_down(x, lora_A, dropout_p, _seed(seed, dropout_p))
 
 
 @lora_down.register_fake
@@ -47,7 +52,7 @@ def lora_dx_da(
 ) -> tuple[Tensor, Tensor]:
     """(the LoRA part of dX [M, K] in X's dtype, or an empty tensor without write_dx; dA [r, K] in fp32)."""
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if write_dx else x.new_empty(0)
-    da = _OPS[backend].lora_dx_da(ds, lora_A, x, dropout_p, int(seed), dx if write_dx else None)
+    da = _OPS[backend].lora_dx_da(ds, lora_A, x, dropout_p, _seed(seed, dropout_p), dx if write_dx else None)
     return dx, da.float()
 
 

@@ -81,7 +81,8 @@ MAX_ACCUMULATOR_PER_THREAD = 128
 
 def shared_memory_limit() -> int:
     if torch.cuda.is_available() and not is_interpreting():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return getattr(properties, "shared_memory_per_block_optin", SMALLEST_SHARED_MEMORY)
     return SMALLEST_SHARED_MEMORY
 
 

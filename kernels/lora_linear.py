@@ -76,15 +76,16 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
-def lora_backward(ctx, dy, lora_dy, lora_dx_da) -> tuple:
+def lora_backward(ctx, saved, dy, lora_dy, lora_dx_da) -> tuple:
     """The backward of a fused LoRA linear op (single- or multi-adapter): (dX, dW, dbias, dA, dB).
 
-    ctx holds (x, weight or None for an NF4 base, lora_A, lora_B, S, ...) with the adapters in x's
-    dtype, and quantized_weight, backend, has_bias, adapter_dtype (the dtype of their gradients).
+    saved is ctx.saved_tensors, read once by the caller (non-reentrant activation checkpointing
+    refuses a second read): (x, weight or None for an NF4 base, lora_A, lora_B, S, ...) with the
+    adapters in x's dtype; ctx holds quantized_weight, backend, has_bias, adapter_dtype (the dtype of their gradients).
     lora_dy(dY, B, S) -> (dS, dB in fp32) is the pass over dY; lora_dx_da(dS, A, X, need_dx) ->
     (the LoRA part of dX or None, dA in fp32); cuBLAS adds dY W to dX.
     """
-    x, weight, lora_A, lora_B, s = ctx.saved_tensors[:5]
+    x, weight, lora_A, lora_B, s = saved[:5]
     need_dx, need_dw, need_dbias, need_da, need_db = ctx.needs_input_grad[:5]
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
@@ -141,7 +142,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        seed = ctx.saved_tensors[5]
+        saved = ctx.saved_tensors
+        seed = saved[5]
 
         def lora_dx_da(ds, lora_A, x2d, need_dx):
             dx, da = custom_ops.lora_dx_da(ds, lora_A, x2d, ctx.dropout_p, seed, ctx.backend, need_dx)
@@ -149,6 +151,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
         grads = lora_backward(
             ctx,
+            saved,
             dy,
             lambda dy2d, lora_B, s: custom_ops.lora_dy(dy2d, lora_B, s, ctx.scaling, ctx.backend),
             lora_dx_da,

@@ -154,6 +154,7 @@ class MultiLoRALinearFunction(torch.autograd.Function):
         ops, meta = _OPS[ctx.backend], ctx.meta
         grads = lora_backward(
             ctx,
+            ctx.saved_tensors,
             dy,
             lambda dy2d, lora_B_cat, s: ops.dy(dy2d, lora_B_cat, s, meta),
             lambda ds, lora_A_cat, x2d, need_dx: _dx_da(ops, ds, lora_A_cat, x2d, meta, ctx.seed, need_dx),

@@ -12,7 +12,8 @@ enabled and not merged, one active adapter on the layer, plain LoRA (no DoRA or 
 (`adapter_names`, one adapter per sample) runs the multi-adapter kernels when the input has the
 base's dtype. Any other call runs PEFT's own forward, so a fused model is never silently
 different. Layers that can never be fused (embeddings, convolutions, `fan_in_fan_out`, DoRA,
-8-bit or FP4 bases) are left as they are and named in the report.
+8-bit or FP4 bases, `target_parameters` LoRA such as MoE experts and routers that "all-linear"
+adapts in PEFT 0.21) are left as they are and named in the report.
 
 Numerics: the LoRA path computes in the input's dtype with fp32 accumulation, as PEFT's does under
 autocast; with fp32 adapters on a 16-bit base outside autocast PEFT computes that path in fp32,
@@ -86,6 +87,9 @@ def _never_fusable(module, lora_linear_classes) -> str | None:
     """Why this PEFT LoRA layer can never take the fused forward, or None (an NF4 base's view is
     kept on the module)."""
     if type(module) not in lora_linear_classes:
+        if hasattr(module, "parameter_name"):  # PEFT's ParamWrapper, built for target_parameters
+            return (f"target_parameters LoRA on a {type(module.get_base_layer()).__name__}.{module.parameter_name} "
+                    "parameter (e.g. MoE experts or router) is not fused")
         return f"{type(module).__name__} layers are not fused"
     base = module.get_base_layer()
     if type(base) is not nn.Linear:

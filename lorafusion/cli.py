@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS = {
     "train": ("train", "fine-tune several LoRA adapters together on one base model"),
     "generate": ("generate", "complete a prompt with a base model and a trained adapter"),
+    "eval": ("eval", "exact-match accuracy of an adapter's completions on a JSONL of prompt/completion pairs"),
     "plan": ("plan", "schedule several LoRA jobs into token-capped microbatches"),
     "loram": ("loram", "LoRAM: prune a model, align it, recover adapters trained on it for the original"),
 }

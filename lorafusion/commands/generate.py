@@ -1,4 +1,5 @@
-"""`lorafusion generate`: greedy completion of a prompt by a base model with a trained adapter."""
+"""`lorafusion generate`: greedy completions of prompts by a base model with a trained adapter, one
+per line."""
 
 from __future__ import annotations
 
@@ -20,26 +21,12 @@ def _positive_int(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="base model directory (a run's output_dir/base_model for inline models)")
     parser.add_argument("--adapter", default=None, help="adapter directory (PEFT format); omit for the base model alone")
-    parser.add_argument("--prompt", required=True)
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    prompts.add_argument("--prompts", metavar="FILE.jsonl", help='a JSONL file of {"prompt": ...} records')
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
     parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
     parser.add_argument("--device", default="cpu")
-
-
-def generate(model, tokenizer, prompt: str, max_new_tokens: int, device="cpu") -> str:
-    """Greedy decoding without a KV cache (fine for a quick look at a small model)."""
-    import torch
-
-    ids = [tokenizer.bos_token_id] + tokenizer.encode(prompt)
-    new: list[int] = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = model(input_ids=torch.tensor([ids + new], device=device)).logits[0, -1]
-            token = int(logits.argmax())
-            if token == tokenizer.eos_token_id:
-                break
-            new.append(token)
-    return tokenizer.decode(new)
 
 
 def model_directory(path: str, flag: str = "--model") -> str:
@@ -56,16 +43,30 @@ def model_directory(path: str, flag: str = "--model") -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        text = _generate(args)
+        prompts = args.prompt or [r.prompt for r in _read_prompts(args.prompts)]
+        model, tokenizer, device = load_model(args)
+        from lorafusion.runtime.evaluation import greedy_completions, model_forward
+
+        completions = greedy_completions(model_forward(model), tokenizer, prompts, args.max_new_tokens, device)
     except (ValueError, OSError, RuntimeError, KeyError) as error:
         message = " ".join(str(error).split()) or type(error).__name__
         print(f"lorafusion generate: error: {message}", file=sys.stderr)
         return 2
-    print(args.prompt + text)
+    for completion in completions:
+        # One line per prompt, whatever the completion holds.
+        print(completion.replace("\\", "\\\\").replace("\n", "\\n"))
     return 0
 
 
-def _generate(args: argparse.Namespace) -> str:
+def _read_prompts(path: str):
+    from lorafusion.runtime.evaluation import read_prompt_file
+
+    return read_prompt_file(path, need_completion=False)
+
+
+def load_model(args: argparse.Namespace):
+    """(model in eval mode with the adapter loaded, tokenizer, device) from --model, --adapter,
+    --tokenizer and --device, each checked first so that a mistake gets a one-line answer."""
     import torch
     import transformers
 
@@ -83,4 +84,4 @@ def _generate(args: argparse.Namespace) -> str:
     model = transformers.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).to(device).eval()
     if args.adapter:
         load_adapter(model, args.adapter)
-    return generate(model, tokenizer, args.prompt, args.max_new_tokens, device)
+    return model, tokenizer, device

@@ -32,6 +32,7 @@ Shape (defaults in parentheses; see the dataclasses for meanings)::
         epochs: null
         max_seq_len: 512
         seed: 0
+        eval_data: null         # {"prompt", "completion"} JSONL: exact-match accuracy in the closing summary
     scheduler: {capacity: 4096, solver: milp, time_limit_s: 0.5, pad_multiple: 1}
     parallel: {engine: none, pipeline_stages: 1, data_parallel: 1, timeout_s: 600}
     output_dir: runs/NAME       # (runs/<config file stem>)
@@ -159,6 +160,7 @@ class JobSpec:
     epochs: float | None
     max_seq_len: int
     seed: int
+    eval_data: Path | None = None  # {"prompt", "completion"} JSONL: exact-match accuracy reported at the end
 
 
 @dataclass(frozen=True)
@@ -466,6 +468,7 @@ def _parse_jobs(checker: _Checker, section: object, scheduler: SchedulerSpec, mo
                 epochs=epochs,
                 max_seq_len=max_seq_len,
                 seed=checker.integer(job, "seed", where, default=0, minimum=0, limit=MAX_SEED),
+                eval_data=checker.file(job, "eval_data", where) if job.get("eval_data") is not None else None,
             )
         )
     return jobs

@@ -62,6 +62,7 @@ from .output_dir import (
 from .packing import PackedMicrobatch, pack_samples, padding_sample, per_token_loss
 from .progress import Progress, shows_summary
 from .run_directory import RUN_ENTRIES, RunDirectory, run_id_of
+from .run_report import add_job_report, check_eval_data, job_rows, warn_truncated
 from .run_state import read_metrics, read_status, status_record, warn
 from .tokenizer import load_tokenizer
 
@@ -105,6 +106,11 @@ class JobSummary:
     tokens: int
     failure: str | None
     adapter_dir: Path | None
+    # Filled at the end of the run by run_report.add_job_report.
+    first_loss: float = math.nan
+    truncated: int = 0
+    tokens_per_s: float = 0.0
+    eval_accuracy: float | None = None
 
 
 @dataclass
@@ -565,6 +571,9 @@ class MultiJobTrainer:
     def begin(self, resume: bool, schedule: Schedule | None = None) -> Schedule:
         """Set up the run's files, plan (or reload) the schedule, restore checkpoints on --resume."""
         self._started = time.perf_counter()
+        check_eval_data(self)
+        if self.is_reporter:
+            warn_truncated(self)
         schedule = self.prepare_run(resume, schedule)
         self._schedule = schedule
         for job in self.jobs.values():
@@ -632,6 +641,8 @@ class MultiJobTrainer:
         self.release_output_dir()
         self._progress.close()  # before the summary, which would otherwise print between the bars
         result = self._result(microbatches_run)
+        if self.is_reporter:
+            add_job_report(self, result)
         if shows_summary(self.progress) and self.is_reporter:
             print_summary(result)
         return result
@@ -811,10 +822,7 @@ class MultiJobTrainer:
 
 
 def print_summary(result: TrainResult) -> None:
-    print(f"\n{'job':>14}  {'status':>8}  {'steps':>9}  {'loss':>8}  {'tokens':>9}  output")
-    for name, job in result.jobs.items():
-        where = str(job.adapter_dir) if job.adapter_dir else (job.failure or "")
-        print(f"{name:>14}  {job.status:>8}  {job.steps:>4}/{job.num_steps:<4}  {job.final_loss:8.4f}  {job.tokens:9d}  {where}")
+    print("\n".join(job_rows(result)))
     ran = result.tokens_this_process
     line = f"{result.microbatches_run} microbatches, {ran} tokens in {result.elapsed_s:.1f} s ({ran / max(result.elapsed_s, 1e-9):.0f} tokens/s)"
     if result.resumed:  # the throughput is this process's; the jobs' token counts are the whole run's

@@ -1,0 +1,62 @@
+"""Writes the quickstart's data: a training file and a held-out eval file per task.
+
+    python examples/data/make_data.py
+
+Deterministic (fixed seed), so rerunning it rewrites the same files. Eval records are never in the
+training file: an adapter's eval accuracy is on prompts it has not seen.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TRAIN_RECORDS = 3000
+EVAL_RECORDS = 200
+
+
+def addition(rng: random.Random) -> list[dict]:
+    """Every sum of a number below 100 and a digit (1000 of them, 800 trained on): a 2-layer model
+    with LoRA on a random base learns these, with their carries, within the quickstart's budget;
+    sums of two 2-digit numbers it does not (6% exact on unseen ones after 300 steps in our trials)."""
+    pairs = [(a, b) for a in range(100) for b in range(10)]
+    rng.shuffle(pairs)
+    return [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in pairs]
+
+
+def _words(rng: random.Random, lengths: tuple[int, int]) -> list[str]:
+    """Distinct words of distinct lowercase letters. Distinct letters keep each output letter's source
+    unambiguous; with short words, the copy is learnt within the quickstart's budget (reversing
+    words of 4 letters took about 500 steps in our trials, of 3 letters under 300)."""
+    seen: dict[str, None] = {}
+    while len(seen) < TRAIN_RECORDS + EVAL_RECORDS:
+        seen["".join(rng.sample(string.ascii_lowercase, rng.randint(*lengths)))] = None
+    return list(seen)
+
+
+def reverse(rng: random.Random) -> list[dict]:
+    # No task name in the prompt: the adapter is the task, and every prompt token costs training time.
+    return [{"prompt": f"{w} ->", "completion": f" {w[::-1]}"} for w in _words(rng, (3, 3))]
+
+
+def uppercase(rng: random.Random) -> list[dict]:
+    # The task name stays here: without it the same job reached 66% instead of 99% in our trials.
+    return [{"prompt": f"upper: {w} ->", "completion": f" {w.upper()}"} for w in _words(rng, (3, 5))]
+
+
+def write(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def main() -> None:
+    for seed, (name, make) in enumerate([("addition", addition), ("reverse", reverse), ("uppercase", uppercase)]):
+        records = make(random.Random(seed))
+        write(HERE / f"{name}_eval.jsonl", records[:EVAL_RECORDS])
+        write(HERE / f"{name}.jsonl", records[EVAL_RECORDS : EVAL_RECORDS + TRAIN_RECORDS])
+
+
+if __name__ == "__main__":
+    main()

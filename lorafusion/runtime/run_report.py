@@ -1,0 +1,101 @@
+"""What a run tells the user about each job beyond its losses: samples cut by max_seq_len (warned
+at the start, counted at the end), the first and last loss, exact-match accuracy on the job's
+eval_data, and its throughput."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from .output_dir import METRICS_FILE
+from .run_state import read_metrics
+
+
+def truncated_samples(samples, max_seq_len: int, eos_token_id: int) -> int:
+    """Samples cut by max_seq_len: those that fill it without ending in the end-of-sequence token
+    (data.py ends every sample with one, and truncation is what removes it)."""
+    return sum(1 for s in samples if len(s.input_ids) == max_seq_len and s.input_ids[-1] != eos_token_id)
+
+
+def check_eval_data(trainer) -> None:
+    """Read every job's eval_data before training, so that a bad record stops the run at once
+    (a DataError naming file and line) rather than after it."""
+    from .evaluation import read_prompt_file
+
+    for job in trainer.jobs.values():
+        if job.spec.eval_data is not None:
+            read_prompt_file(job.spec.eval_data, need_completion=True)
+
+
+def warn_truncated(trainer) -> None:
+    """One line at the start of a run naming each job that has samples cut by max_seq_len: their
+    completions (or texts) lose their ends, and the model never learns to stop."""
+    eos = trainer.tokenizer.eos_token_id
+    cut = {name: truncated_samples(job.samples, job.spec.max_seq_len, eos) for name, job in trainer.jobs.items()}
+    parts = [
+        f"{name} {count} of {len(trainer.jobs[name].samples)} (max_seq_len={trainer.jobs[name].spec.max_seq_len})"
+        for name, count in cut.items()
+        if count
+    ]
+    if parts:
+        print(f"lorafusion train: warning: samples truncated by max_seq_len: {'; '.join(parts)}", file=sys.stderr)
+
+
+def first_losses(output_dir: Path) -> dict[str, float]:
+    """Each job's loss at its first step, from metrics.jsonl (which a resumed run keeps)."""
+    path = Path(output_dir) / METRICS_FILE
+    first: dict[str, float] = {}
+    if path.is_file():
+        for record in read_metrics(path):
+            if record.get("step") == 1:
+                first.setdefault(record["job"], record["loss"])
+    return first
+
+
+def eval_accuracy(trainer, name: str) -> float:
+    """Exact-match accuracy of the job's adapter, greedy and stopping at the end-of-sequence
+    token, on its eval_data: the same completions `lorafusion eval` gives with the saved adapter."""
+    from .evaluation import adapter_forward, exact_match, greedy_completions, read_prompt_file
+
+    records = read_prompt_file(trainer.jobs[name].spec.eval_data, need_completion=True)
+    tokenizer = trainer.tokenizer
+    # A completion longer than every expected one is wrong whatever follows, so decoding stops there.
+    longest = max(len(tokenizer.encode(r.completion)) for r in records) + 1
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        forward = adapter_forward(trainer.model, name)
+        completions = greedy_completions(forward, tokenizer, [r.prompt for r in records], longest, trainer.device)
+    finally:
+        trainer.model.train(was_training)
+    return exact_match(completions, [r.completion for r in records])
+
+
+def add_job_report(trainer, result) -> None:
+    """Fill each job's first loss, truncated samples, tokens/s and (for finished jobs with
+    eval_data, where this process holds the whole model) eval accuracy into `result`."""
+    first = first_losses(trainer.output_dir)
+    eos = trainer.tokenizer.eos_token_id
+    for name, summary in result.jobs.items():
+        job = trainer.jobs[name]
+        summary.first_loss = first.get(name, math.nan)
+        summary.truncated = truncated_samples(job.samples, job.spec.max_seq_len, eos)
+        ran = job.tokens_seen - trainer._tokens_at_start.get(name, 0)
+        summary.tokens_per_s = ran / max(result.elapsed_s, 1e-9)
+        if job.spec.eval_data is not None and job.status == "finished" and trainer.num_stages == 1:
+            summary.eval_accuracy = eval_accuracy(trainer, name)
+
+
+def job_rows(result) -> list[str]:
+    """The closing summary's table: one row per job."""
+    rows = [f"\n{'job':>14}  {'status':>8}  {'steps':>9}  {'loss first -> last':>18}  {'eval acc':>8}  {'truncated':>9}  {'tokens':>9}  {'tokens/s':>8}  output"]
+    for name, job in result.jobs.items():
+        where = str(job.adapter_dir) if job.adapter_dir else (job.failure or "")
+        accuracy = "-" if job.eval_accuracy is None else f"{job.eval_accuracy:.1%}"
+        loss = f"{job.first_loss:.4f} -> {job.final_loss:.4f}"
+        rows.append(
+            f"{name:>14}  {job.status:>8}  {job.steps:>4}/{job.num_steps:<4}  {loss:>18}  {accuracy:>8}  "
+            f"{job.truncated:>9}  {job.tokens:9d}  {job.tokens_per_s:8.0f}  {where}"
+        )
+    return rows

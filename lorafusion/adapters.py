@@ -99,15 +99,33 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str | None 
     its place, so `path` never holds a half-written adapter. An existing adapter directory at
     `path` is replaced; a directory holding anything else is refused rather than deleted.
     """
-    tensors = adapter_state_dict(model, adapter)
+    write_adapter_directory(adapter_state_dict(model, adapter), _peft_config(model, adapter), path)
+    return Path(path)
+
+
+def _peft_config(model: nn.Module, adapter: str | None) -> dict:
     multi_configs = get_multi_lora_configs(model)
     config = multi_configs[_multi_adapter(model, adapter)] if multi_configs else get_lora_config(model)
     peft_config = config.to_peft_dict()
     if peft_config["base_model_name_or_path"] is None:
         # What AutoPeftModelForCausalLM loads the base from: the name the model was loaded by.
         peft_config["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    write_adapter_directory(tensors, peft_config, path)
-    return Path(path)
+    return peft_config
+
+
+def save_adapter_beside(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model's adapter files into `directory`, leaving whatever else it holds (a Trainer's
+    output or checkpoint directory), as PEFT's save_pretrained does; each file is replaced atomically."""
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=target))
+    try:
+        write_adapter_directory(adapter_state_dict(model), _peft_config(model, None), staging / "adapter")
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(staging / "adapter" / name, target / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def write_adapter_directory(tensors: dict[str, torch.Tensor], peft_config: dict, path: str | os.PathLike) -> None:

@@ -4,6 +4,8 @@ PEFT would: one FusedLoRALinear adapter, or many named adapters in MultiLoRALine
 from __future__ import annotations
 
 import re
+import sys
+import types
 import zlib
 
 import torch
@@ -143,6 +145,11 @@ def apply_lora(
     `blocksize` as in bitsandbytes); with quantize_other_linears=True every other nn.Linear but the
     output layer becomes a frozen `lorafusion.qlora.NF4Linear` too. Targeted
     `bitsandbytes.nn.Linear4bit` layers keep their NF4 storage whatever `quantize` says.
+
+    Hugging Face Trainer: on a transformers model, `model.save_pretrained(dir)` (so Trainer's
+    save_model and checkpoints) also writes the adapter in PEFT's format beside the checkpoint,
+    which `from_pretrained(dir)` loads on top of the base; a bitsandbytes 4-bit model counts as
+    carrying adapters, so Trainer trains it, and saves its adapter only.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -177,7 +184,39 @@ def apply_lora(
     if quantize_other_linears:
         _quantize_untargeted_linears(model, blocksize, double_quant, config.backend)
     setattr(model, CONFIG_ATTRIBUTE, config)
+    _fit_for_transformers_trainer(model)
     return model
+
+
+def _fit_for_transformers_trainer(model: nn.Module) -> None:
+    """A transformers model with our adapter saves and trains under Hugging Face's Trainer.
+
+    save_pretrained (Trainer.save_model, its checkpoints) also writes the adapter in PEFT's format:
+    from_pretrained drops the lora_A/lora_B keys of a full checkpoint without a word, but loads an
+    adapter it finds beside the model. A bitsandbytes 4-bit model is marked as carrying adapters
+    (transformers' own flag for it), else Trainer refuses it as "purely quantized" though its LoRA
+    parameters are what trains.
+    """
+    transformers = sys.modules.get("transformers")  # a transformers model means it is imported
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return
+    model.save_pretrained = types.MethodType(_save_pretrained_with_adapter, model)
+    if getattr(model, "is_quantized", False):
+        model._hf_peft_config_loaded = True
+
+
+def _save_pretrained_with_adapter(self, save_directory, *args, is_main_process: bool = True, **kwargs) -> None:
+    """transformers' save_pretrained, then this model's LoRA adapter in PEFT's format beside it
+    (adapter_config.json, adapter_model.safetensors): `AutoModelForCausalLM.from_pretrained(dir)`
+    loads the base from the checkpoint and the adapter on top of it, `PeftModel.from_pretrained`
+    and `lorafusion.load_adapter` read the adapter, and Trainer resumes from the full checkpoint.
+    A 4-bit model writes the adapter only (its NF4 base is the one it was loaded from)."""
+    from lorafusion.adapters import save_adapter_beside
+
+    if not getattr(self, "is_quantized", False):
+        type(self).save_pretrained(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
+    if is_main_process:
+        save_adapter_beside(self, save_directory)
 
 
 def _quantize_untargeted_linears(model: nn.Module, blocksize: int, double_quant: bool, backend: str) -> None:

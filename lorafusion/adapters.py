@@ -128,6 +128,34 @@ def save_adapter_beside(model: nn.Module, directory: str | os.PathLike) -> Path:
     return target
 
 
+# What Trainer's resume_from_checkpoint reads where a checkpoint has no model.safetensors: a
+# sharded-checkpoint index, loaded with strict=False.
+RESUME_INDEX_FILE = "model.safetensors.index.json"
+RESUME_WEIGHTS_FILE = "lorafusion_trainable.safetensors"
+
+
+def save_trainable_for_resume(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Write the model's trainable parameters under its own state_dict names, with an index that
+    points to them, into `directory`: Hugging Face Trainer resumes a 4-bit run from that (the frozen
+    4-bit base is the checkpoint the model was loaded from; Trainer warns that its keys are missing)."""
+    target = Path(directory)
+    tensors = {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    index = {
+        "metadata": {"note": "lorafusion: trainable (LoRA) parameters only, for Trainer's resume_from_checkpoint; "
+                             "the base is the model this was trained on"},
+        "weight_map": {name: RESUME_WEIGHTS_FILE for name in tensors},
+    }
+    staging = Path(tempfile.mkdtemp(prefix=".trainable.tmp-", dir=target))
+    try:
+        save_file(tensors, str(staging / RESUME_WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / RESUME_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        follow_umask_tree(staging)
+        for name in (RESUME_WEIGHTS_FILE, RESUME_INDEX_FILE):
+            os.replace(staging / name, target / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_adapter_directory(tensors: dict[str, torch.Tensor], peft_config: dict, path: str | os.PathLike) -> None:
     """Atomically write `tensors` and `peft_config` as an adapter directory at `path`."""
     target = Path(path)

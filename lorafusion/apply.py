@@ -149,7 +149,7 @@ def apply_lora(
     Hugging Face Trainer: on a transformers model, `model.save_pretrained(dir)` (so Trainer's
     save_model and checkpoints) also writes the adapter in PEFT's format beside the checkpoint,
     which `from_pretrained(dir)` loads on top of the base; a bitsandbytes 4-bit model counts as
-    carrying adapters, so Trainer trains it, and saves its adapter only.
+    carrying adapters, so Trainer trains it, and saves its adapter (no base weights).
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -210,13 +210,16 @@ def _save_pretrained_with_adapter(self, save_directory, *args, is_main_process: 
     (adapter_config.json, adapter_model.safetensors): `AutoModelForCausalLM.from_pretrained(dir)`
     loads the base from the checkpoint and the adapter on top of it, `PeftModel.from_pretrained`
     and `lorafusion.load_adapter` read the adapter, and Trainer resumes from the full checkpoint.
-    A 4-bit model writes the adapter only (its NF4 base is the one it was loaded from)."""
-    from lorafusion.adapters import save_adapter_beside
+    A 4-bit model writes no base weights (its NF4 base is the checkpoint it was loaded from)."""
+    from lorafusion.adapters import save_adapter_beside, save_trainable_for_resume
 
-    if not getattr(self, "is_quantized", False):
+    quantized = getattr(self, "is_quantized", False)
+    if not quantized:
         type(self).save_pretrained(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
     if is_main_process:
         save_adapter_beside(self, save_directory)
+        if quantized:
+            save_trainable_for_resume(self, save_directory)
 
 
 def _quantize_untargeted_linears(model: nn.Module, blocksize: int, double_quant: bool, backend: str) -> None:

@@ -89,13 +89,14 @@ def test_trainer_trains_a_bitsandbytes_4bit_model_with_our_layers(base_dir, tmp_
     apply_lora(model, LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], backend="torch"))
     before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     assert before and all("lora_" in name for name in before)
-    trainer = transformers.Trainer(model=model, args=training_args(tmp_path / "out"), train_dataset=dataset())
+    trainer = transformers.Trainer(model=model, args=training_args(tmp_path / "out", save_strategy="steps", save_steps=1),
+                                   train_dataset=dataset())
     trainer.train()
     after = dict(model.named_parameters())
     trained_b = [name for name in before if name.endswith("lora_B")]
     assert trained_b and all(not torch.equal(after[name], before[name]) for name in trained_b)
     trainer.save_model()
-    # Only the adapter: the 4-bit base is the checkpoint the model was loaded from.
+    # No base weights: the 4-bit base is the checkpoint the model was loaded from.
     assert {entry.name for entry in (tmp_path / "out").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     assert not (tmp_path / "out" / "model.safetensors").exists()
     input_ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(4))
@@ -111,3 +112,10 @@ def test_trainer_trains_a_bitsandbytes_4bit_model_with_our_layers(base_dir, tmp_
     assert read_by_peft.keys() == ours.keys()
     for key in ours:
         torch.testing.assert_close(read_by_peft[key], ours[key], atol=0, rtol=0, msg=key)
+
+    # Resuming from checkpoint-1 reaches the same adapter as the uninterrupted run.
+    resumed = transformers.LlamaForCausalLM.from_pretrained(base_dir, quantization_config=quantization, device_map="cpu")
+    apply_lora(resumed, LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], backend="torch"))
+    transformers.Trainer(model=resumed, args=training_args(tmp_path / "resumed"), train_dataset=dataset()).train(
+        resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+    torch.testing.assert_close(logits(resumed, input_ids), logits(model, input_ids), atol=1e-5, rtol=1e-5)

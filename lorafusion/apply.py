@@ -3,9 +3,9 @@ PEFT would: one FusedLoRALinear adapter, or many named adapters in MultiLoRALine
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
-import types
 import zlib
 
 import torch
@@ -200,7 +200,8 @@ def _fit_for_transformers_trainer(model: nn.Module) -> None:
     transformers = sys.modules.get("transformers")  # a transformers model means it is imported
     if transformers is None or not isinstance(model, transformers.PreTrainedModel):
         return
-    model.save_pretrained = types.MethodType(_save_pretrained_with_adapter, model)
+    # A partial of a module-level function, not a bound method: torch.save/pickle and deepcopy keep it.
+    model.save_pretrained = functools.partial(_save_pretrained_with_adapter, model)
     if getattr(model, "is_quantized", False):
         model._hf_peft_config_loaded = True
 

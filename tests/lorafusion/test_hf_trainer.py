@@ -119,3 +119,23 @@ def test_trainer_trains_a_bitsandbytes_4bit_model_with_our_layers(base_dir, tmp_
     transformers.Trainer(model=resumed, args=training_args(tmp_path / "resumed"), train_dataset=dataset()).train(
         resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
     torch.testing.assert_close(logits(resumed, input_ids), logits(model, input_ids), atol=1e-5, rtol=1e-5)
+
+
+def test_converted_model_still_pickles_and_deep_copies(base_dir, tmp_path):
+    import copy
+    import io
+
+    model = apply_lora(transformers.LlamaForCausalLM.from_pretrained(base_dir),
+                       LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj"], backend="torch"))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        with torch.no_grad():
+            next(p for name, p in twin.named_parameters() if name.endswith("lora_B")).fill_(0.5)
+        twin.save_pretrained(tmp_path / "twin")  # the twin's own adapter, not the original's
+        saved = adapter_state_dict(load_adapter(transformers.LlamaForCausalLM.from_pretrained(base_dir),
+                                                tmp_path / "twin", backend="torch"))
+        assert saved.keys() == adapter_state_dict(twin).keys()
+        assert all(torch.equal(saved[key], tensor) for key, tensor in adapter_state_dict(twin).items())
+        assert not all(torch.equal(saved[key], tensor) for key, tensor in adapter_state_dict(model).items())

@@ -30,3 +30,31 @@ def test_fullgraph_compile_matches_eager(dropout):
         # A fresh mask every call: the seed is drawn inside the graph, not baked into it.
         x = torch.randn(5, 24)
         assert not torch.equal(compiled(x), compiled(x))
+
+
+def test_fused_peft_model_compiles_fullgraph_with_dropout():
+    import peft
+
+    from lorafusion import fuse_peft
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(16, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = peft.get_peft_model(MLP(), peft.LoraConfig(r=4, target_modules=["up", "down"], lora_dropout=0.2,
+                                                       init_lora_weights=False))
+    assert len(fuse_peft(model, backend="torch").fused) == 2
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 16)
+    torch.manual_seed(3)
+    expected = model(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-6)
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for name, p in model.named_parameters() if "lora_" in name)

@@ -76,26 +76,38 @@ def load_jsonl_dataset(path: str | os.PathLike, format: str, tokenizer: Tokenize
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
     path = Path(path)
+    samples = []
+    for line_number, raw_line in jsonl_lines(path):
+        fields = _FIELDS_OF_FORMAT[format]
+        record = parse_jsonl_record(path, line_number, raw_line, fields, f"format {format} needs")
+        samples.append(_tokenize(path, line_number, record, format, tokenizer, max_seq_len))
+    return samples
+
+
+def jsonl_lines(path: Path):
+    """(line number, raw line) of each non-blank line of a JSONL file; DataError naming the file
+    when it cannot be read or holds no record."""
     try:
         content = path.read_bytes()
     except OSError as error:
         raise DataError(path, None, f"cannot read: {error.strerror or error}") from error
-
-    samples = []
+    found = False
     # Split bytes, not text, so an invalid UTF-8 line is reported with its number.
     for line_number, raw_line in enumerate(content.split(b"\n"), start=1):
         if line_number == 1:
             raw_line = raw_line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
-        if not raw_line.strip():
-            continue
-        record = _parse_record(path, line_number, raw_line, format)
-        samples.append(_tokenize(path, line_number, record, format, tokenizer, max_seq_len))
-    if not samples:
+        if raw_line.strip():
+            found = True
+            yield line_number, raw_line
+    if not found:
         raise DataError(path, None, "no records (the file is empty or has only blank lines)")
-    return samples
 
 
-def _parse_record(path: Path, line_number: int, raw_line: bytes, format: str) -> dict[str, str]:
+def parse_jsonl_record(
+    path: Path, line_number: int, raw_line: bytes, fields: tuple[str, ...], needs: str, optional: tuple[str, ...] = ()
+) -> dict[str, str]:
+    """The string `fields` (and those of `optional` present) of one JSONL record; DataError naming
+    the file, the line and what is wrong (`needs` says who requires the fields)."""
     try:
         line = raw_line.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -108,11 +120,12 @@ def _parse_record(path: Path, line_number: int, raw_line: bytes, format: str) ->
         raise DataError(path, line_number, "invalid JSON: nested too deeply") from None
     if not isinstance(record, dict):
         raise DataError(path, line_number, f"expected a JSON object, got {_json_type(record)}")
-    fields = _FIELDS_OF_FORMAT[format]
     for field in fields:
         if field not in record:
             expected = ", ".join(f'"{name}"' for name in fields)
-            raise DataError(path, line_number, f'missing field "{field}" (format {format} needs {expected})')
+            raise DataError(path, line_number, f'missing field "{field}" ({needs} {expected})')
+    fields = fields + tuple(field for field in optional if field in record)
+    for field in fields:
         if not isinstance(record[field], str):
             raise DataError(path, line_number, f'field "{field}" must be a string, got {_json_type(record[field])}')
         try:

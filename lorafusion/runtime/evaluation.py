@@ -7,7 +7,6 @@ Hugging Face model, or the training model under one job's adapter (see `adapter_
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError
+from .data import DataError, jsonl_lines, parse_jsonl_record
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -31,38 +30,12 @@ def read_prompt_file(path: str | os.PathLike, need_completion: bool) -> list[Eva
     """Records of a JSONL file of {"prompt": ..., "completion": ...} objects (completion optional
     unless `need_completion`); blank lines skipped. DataError naming the file and line otherwise."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError as error:
-        raise DataError(path, None, f"not valid UTF-8 at byte {error.start}") from None
-    except OSError as error:
-        raise DataError(path, None, f"cannot read: {error.strerror or error}") from None
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            records.append(_record(path, number, line, need_completion))
-    if not records:
-        raise DataError(path, None, "no records (the file is empty or has only blank lines)")
-    return records
-
-
-def _record(path: Path, number: int, line: str, need_completion: bool) -> EvalRecord:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(path, number, f"invalid JSON: {error.msg} (column {error.colno})") from None
-    except RecursionError:
-        raise DataError(path, number, "invalid JSON: nested too deeply") from None
-    if not isinstance(record, dict):
-        raise DataError(path, number, 'expected a JSON object with a "prompt" string')
     fields = ("prompt", "completion") if need_completion else ("prompt",)
-    for field in fields:
-        if field not in record:
-            raise DataError(path, number, f'missing field "{field}"')
-    for field in ("prompt", "completion"):
-        if field in record and not isinstance(record[field], str):
-            raise DataError(path, number, f'field "{field}" must be a string')
-    return EvalRecord(number, record["prompt"], record.get("completion"))
+    records = []
+    for number, raw_line in jsonl_lines(path):
+        record = parse_jsonl_record(path, number, raw_line, fields, "a prompt file needs", optional=("completion",))
+        records.append(EvalRecord(number, record["prompt"], record.get("completion")))
+    return records
 
 
 def greedy_completions(

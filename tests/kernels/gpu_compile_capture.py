@@ -98,15 +98,6 @@ class _FakeDriver:
         return 0
 
 
-def _custom_ops():
-    """(the module of lorafusion's torch custom ops, {attribute name: op})."""
-    from torch._library.custom_ops import CustomOpDef
-
-    from lorafusion.kernels import custom_ops
-
-    return custom_ops, {name: value for name, value in vars(custom_ops).items() if isinstance(value, CustomOpDef)}
-
-
 def _no_host_readback_mode():
     """Fake tensors hold no values: a random number drawn from torch's generator and read back
     (a dropout seed) is FAKE_SEED; reading any other tensor's value is an error."""
@@ -214,11 +205,6 @@ def fake_gpu(cc: int):
             stack.enter_context(mock.patch.object(torch.Tensor, "__getitem__", getitem_on_fake_cuda))
             stack.enter_context(mock.patch.object(torch.Tensor, "pin_memory", pin_memory_of_fake))
             stack.enter_context(mock.patch.object(torch.Tensor, "to", to_fake_cuda))
-            module, ops = _custom_ops()
-            for name, op in ops.items():
-                # Under fake tensors a torch custom op runs its fake implementation: capture calls
-                # the real one, the launchers.
-                stack.enter_context(mock.patch.object(module, name, op._init_fn))
             stack.enter_context(_fake_mode())
             stack.enter_context(_no_host_readback_mode())
             yield

@@ -139,14 +139,12 @@ def _mixed_batch_forward(module, weight, bias, x: torch.Tensor, adapter_names) -
     if x.dim() < 2 or len(adapter_names) != x.shape[0] or x.dtype != weight.dtype or x.device != weight.device:
         return None
     held = list(dict.fromkeys(name for name in adapter_names if name in module.lora_A))
-    if any(name in getattr(module, "lora_variant", {}) for name in held):
+    if not held or any(name in getattr(module, "lora_variant", {}) for name in held):
         return None
     index = {name: i for i, name in enumerate(held)}
     base_only = len(held)  # a rank-0 adapter: adds nothing
     rows_per_sample = x.numel() // (x.shape[0] * x.shape[-1])
     segment_adapters = [index.get(name, base_only) for name in adapter_names]
-    if not held:
-        return None
     meta = build_segment_meta(
         segment_adapters,
         [rows_per_sample] * len(adapter_names),

@@ -16,13 +16,19 @@ from lorafusion.loram.align import align
 from lorafusion.runtime.output_dir import LOCK_FILE, DirectoryLock
 
 
-def test_prune_align_report_recover(tmp_path, capsys):
+def original_model_and_corpus(tmp_path, sentence: str, records: int):
+    """A tiny random Llama saved in tmp_path/original, and a text corpus of `records` lines; returns the corpus path."""
     config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=260, max_position_embeddings=64)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "original")
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": "the cat sat on the mat. " * (1 + i % 3)}) + "\n" for i in range(16)))
+    corpus.write_text("".join(json.dumps({"text": sentence * (1 + i % 3)}) + "\n" for i in range(records)))
+    return corpus
+
+
+def test_prune_align_report_recover(tmp_path, capsys):
+    corpus = original_model_and_corpus(tmp_path, "the cat sat on the mat. ", 16)
 
     assert main(["loram", "prune", "--model", str(tmp_path / "original"), "--out", str(tmp_path / "pruned"),
                  "--ratio", "0.5", "--method", "activation", "--calibration", str(corpus), "--calibration-samples", "4"]) == 0
@@ -58,12 +64,7 @@ def _snapshot(directory):
 
 
 def test_prune_and_align_never_replace_or_delete_what_they_did_not_write(tmp_path, capsys):
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=260, max_position_embeddings=64)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "original")
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": "the cat sat. " * (1 + i % 3)}) + "\n" for i in range(8)))
+    corpus = original_model_and_corpus(tmp_path, "the cat sat. ", 8)
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("precious")

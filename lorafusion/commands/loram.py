@@ -72,7 +72,7 @@ def _print_report(report: dict[str, float]) -> None:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    from lorafusion.loram.prune_map import PRUNE_MAP_FILE
+    from lorafusion.models import PRUNE_MAP_FILE
     from lorafusion.runtime.output_dir import claim_model_directory
 
     # Before any work, so that a refusal comes at once.

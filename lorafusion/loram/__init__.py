@@ -2,25 +2,25 @@
 then recover it to the original shapes for the original model.
 
 - `prune(model, ratio, method, keep_layers)` -> (pruned model, PruneMap); `save_pruned_model`,
-  `load_pruned_model` (the runtime loads a pruned directory itself: it holds prune_map.json).
+  `load_pruned_model` (from lorafusion.models, where the runtime loads a pruned directory from too).
 - `recover(adapter_dir, prune_map, out_dir)`: a PEFT adapter for the original model.
 - `align(...)`: full-parameter continued pre-training of the pruned model on a text corpus.
 - `loram_memory_report(prune_map)`: parameters and bytes of original vs pruned vs pruned + NF4.
 """
 
-from .prune import (
-    METHODS,
-    apply_prune_map,
+from lorafusion.models import (
+    PRUNE_MAP_FILE,
+    LayerPruning,
+    ModelShape,
+    PruneMap,
     is_pruned_checkpoint,
-    kept_count,
     load_pruned_model,
-    make_prune_map,
-    prune,
     pruned_config,
     save_pruned_model,
 )
+
 from .memory import loram_memory_report
-from .prune_map import PRUNE_MAP_FILE, LayerPruning, ModelShape, PruneMap
+from .prune import METHODS, apply_prune_map, kept_count, make_prune_map, prune
 from .recover import recover
 
 __all__ = [

@@ -28,8 +28,7 @@ from lorafusion.runtime.output_dir import claim_model_directory, discard, publis
 from lorafusion.runtime.packing import IGNORE_INDEX, pack_samples, per_token_loss
 from lorafusion.runtime.tokenizer import load_tokenizer
 
-from .prune import is_pruned_checkpoint, load_pruned_model, save_pruned_model
-from .prune_map import PruneMap
+from lorafusion.models import PruneMap, is_pruned_checkpoint, load_pruned_model, save_pruned_model
 
 
 def _load_model(model_dir: Path) -> transformers.PreTrainedModel:

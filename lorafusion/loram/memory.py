@@ -13,8 +13,7 @@ from torch import nn
 
 from lorafusion.kernels.nf4 import NESTED_BLOCKSIZE, check_blocksize
 
-from .prune import LAYER_SIZES_ATTRIBUTE, _empty_pruned_model
-from .prune_map import PruneMap
+from lorafusion.models import LAYER_SIZES_ATTRIBUTE, PruneMap, empty_pruned_model
 
 NF4_TABLE_BYTES = 16 * 4  # the fp32 NF4 code
 NESTED_TABLE_BYTES = 256 * 4 + 4  # the fp32 dynamic code and the fp32 offset
@@ -73,7 +72,7 @@ def loram_memory_report(
     original_config = _original_config(config, prune_map)
     with torch.device("meta"):
         original = transformers.AutoModelForCausalLM.from_config(original_config)
-        pruned = _empty_pruned_model(original_config, prune_map, dtype)
+        pruned = empty_pruned_model(original_config, prune_map, dtype)
     original_storage = _storage(original, dtype_bytes, blocksize, double_quant)
     pruned_storage = _storage(pruned, dtype_bytes, blocksize, double_quant)
     return {

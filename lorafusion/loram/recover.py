@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lorafusion.adapters import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE, write_adapter_directory
 
-from .prune_map import PruneMap
+from lorafusion.models import PruneMap
 
 _MATRIX_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 

@@ -15,7 +15,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from lorafusion.kernels import BACKENDS, MAX_RANK, fused_lora_linear, lora_scaling
-from lorafusion.kernels.nf4 import NF4Weight
+from lorafusion.kernels.nf4 import NF4Weight, quantize_nf4
+
+from . import nf4_linear
 
 
 def check_lora_hyperparameters(r: object, lora_alpha: object, lora_dropout: object) -> None:
@@ -106,16 +108,14 @@ class FusedLoRALinear(nn.Module):
         `blocksize` elements per absmax, `double_quant` quantizing the absmax too) instead of being
         shared; a `bitsandbytes.nn.Linear4bit` (NF4) is taken as it is, its storage shared.
         """
-        from lorafusion import qlora
-
         if quantize is not None:
-            qlora.check_quantize(quantize)
-        if qlora.is_linear4bit(linear):
-            weight, bias = qlora.nf4_from_linear4bit(linear)
+            nf4_linear.check_quantize(quantize)
+        if nf4_linear.is_linear4bit(linear):
+            weight, bias = nf4_linear.nf4_from_linear4bit(linear)
         elif not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear or bitsandbytes.nn.Linear4bit, got {type(linear).__name__}")
         elif quantize is not None:
-            weight, bias = qlora.quantize_nf4(linear.weight, blocksize, double_quant), linear.bias
+            weight, bias = quantize_nf4(linear.weight, blocksize, double_quant), linear.bias
         else:
             weight, bias = linear.weight, linear.bias
         layer = cls.__new__(cls)

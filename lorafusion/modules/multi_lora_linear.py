@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorafusion import qlora
 from lorafusion.kernels import SegmentMeta, build_segment_meta, fused_multi_lora_linear, lora_scaling
 from lorafusion.kernels.lora_linear import resolve_backend
-from lorafusion.kernels.nf4 import NF4Weight
-from lorafusion.modules.lora_linear import check_backend, check_lora_hyperparameters, default_adapter_dtype
+from lorafusion.kernels.nf4 import NF4Weight, quantize_nf4
+from .lora_linear import check_backend, check_lora_hyperparameters, default_adapter_dtype
+from .nf4_linear import NF4Linear, NF4LinearFunction, check_quantize, is_linear4bit, nf4_from_linear4bit
 
 
 @dataclass(frozen=True)
@@ -126,10 +126,10 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         check_backend(backend)
         if quantize is not None:
-            qlora.check_quantize(quantize)
-        if qlora.is_linear4bit(base_linear):
-            weight, bias = qlora.nf4_from_linear4bit(base_linear)
-        elif isinstance(base_linear, qlora.NF4Linear):
+            check_quantize(quantize)
+        if is_linear4bit(base_linear):
+            weight, bias = nf4_from_linear4bit(base_linear)
+        elif isinstance(base_linear, NF4Linear):
             weight, bias = base_linear.weight, base_linear.bias
         elif not isinstance(base_linear, nn.Linear):
             raise TypeError(
@@ -137,7 +137,7 @@ class MultiLoRALinear(nn.Module):
                 f"got {type(base_linear).__name__}"
             )
         elif quantize is not None:
-            weight, bias = qlora.quantize_nf4(base_linear.weight, blocksize, double_quant), base_linear.bias
+            weight, bias = quantize_nf4(base_linear.weight, blocksize, double_quant), base_linear.bias
         else:
             weight, bias = base_linear.weight, base_linear.bias
         self.out_features, self.in_features = weight.shape
@@ -215,7 +215,7 @@ class MultiLoRALinear(nn.Module):
         if not held:
             if self.quantized:
                 # NF4Linear's op: dequantized into the shared workspace, differentiable in x.
-                return qlora._NF4LinearFunction.apply(x, self.weight, self.bias, resolve_backend(self.backend, x.device))
+                return NF4LinearFunction.apply(x, self.weight, self.bias, resolve_backend(self.backend, x.device))
             return F.linear(x, self.weight, self.bias)
         meta = self.segment_meta(batch, x.device)
         lora_A_cat, lora_B_cat = self._concatenated(held)

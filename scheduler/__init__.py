@@ -47,7 +47,7 @@ from .grouping import candidate_groupings, group_jobs
 from .ordering import order_microbatches
 from .packing import Packing, PackingProblem, greedy_pack, pack
 from .planner import BackgroundPlanner, plan_schedule
-from .simulator import SimulationResult, simulate
+from .simulator import SimulationResult, job_finish_times, simulate
 from .verify import verify_schedule
 
 __all__ = [
@@ -70,6 +70,7 @@ __all__ = [
     "fixed_size_microbatches",
     "greedy_pack",
     "group_jobs",
+    "job_finish_times",
     "megatron_lm_baseline",
     "megatron_order",
     "mlora_evaluated_baseline",

@@ -56,12 +56,9 @@ def _one_f_one_b_order(stage: int, stages: int, num_microbatches: int) -> list[t
     return order
 
 
-def simulate(microbatches: Sequence[Microbatch], stages: int, cost: CostModel) -> SimulationResult:
-    """Simulate one 1F1B run of ``microbatches`` (execution order) over ``stages`` stages.
-
-    The schedule is assumed to satisfy verify_schedule's dependency rule; each job's optimizer step
-    on a stage is placed after that stage's backward of the job's last microbatch of each batch.
-    """
+def _run(microbatches: Sequence[Microbatch], stages: int, cost: CostModel) -> tuple[SimulationResult, np.ndarray]:
+    """One 1F1B run: the result, and when each microbatch's backward (with the optimizer steps
+    charged after it) ends on each stage (``[stage, microbatch]``)."""
     if stages < 1:
         raise ValueError(f"stages must be >= 1, got {stages}")
     n = len(microbatches)
@@ -104,4 +101,27 @@ def simulate(microbatches: Sequence[Microbatch], stages: int, cost: CostModel) -
         if not progressed:  # pragma: no cover - 1F1B orders cannot deadlock
             raise RuntimeError("pipeline simulation deadlocked")
     tokens = sum(mb.real_tokens for mb in microbatches)
-    return SimulationResult(stages=stages, makespan_s=max(clock) if n else 0.0, busy_s=busy, tokens=tokens)
+    result = SimulationResult(stages=stages, makespan_s=max(clock) if n else 0.0, busy_s=busy, tokens=tokens)
+    return result, done["B"]
+
+
+def simulate(microbatches: Sequence[Microbatch], stages: int, cost: CostModel) -> SimulationResult:
+    """Simulate one 1F1B run of ``microbatches`` (execution order) over ``stages`` stages.
+
+    The schedule is assumed to satisfy verify_schedule's dependency rule; each job's optimizer step
+    on a stage is placed after that stage's backward of the job's last microbatch of each batch.
+    """
+    return _run(microbatches, stages, cost)[0]
+
+
+def job_finish_times(microbatches: Sequence[Microbatch], stages: int, cost: CostModel) -> dict[str, float]:
+    """When each job's training in this run ends: the latest time, over its microbatches and all
+    stages, at which one of its backwards (and the optimizer steps after it) completes; seconds
+    from the run's start, in the same simulation as :func:`simulate`. The last of them is the
+    run's makespan."""
+    _, backward_done = _run(microbatches, stages, cost)
+    finish: dict[str, float] = {}
+    for i, mb in enumerate(microbatches):
+        for job in mb.jobs:
+            finish[job] = max(finish.get(job, 0.0), float(backward_done[:, i].max()))
+    return finish

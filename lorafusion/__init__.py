@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_adapter": "lorafusion.adapters",
+    "load_adapter": "lorafusion.adapter_loading",
     "save_adapter": "lorafusion.adapters",
     "apply_lora": "lorafusion.apply",
     "apply_multi_lora": "lorafusion.apply",
     "find_target_modules": "lorafusion.apply",
-    "get_lora_config": "lorafusion.apply",
-    "get_multi_lora_configs": "lorafusion.apply",
-    "lora_modules": "lorafusion.apply",
-    "multi_lora_modules": "lorafusion.apply",
+    "get_lora_config": "lorafusion.lora_state",
+    "get_multi_lora_configs": "lorafusion.lora_state",
+    "lora_modules": "lorafusion.lora_state",
+    "multi_lora_modules": "lorafusion.lora_state",
     "LoRAConfig": "lorafusion.config",
     "FusedLoRALinear": "lorafusion.modules",
     "MultiLoRABatch": "lorafusion.modules",
@@ -34,17 +34,11 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 if TYPE_CHECKING:  # static analysers see the eager imports
-    from lorafusion.adapters import load_adapter, save_adapter
-    from lorafusion.apply import (
-        apply_lora,
-        apply_multi_lora,
-        find_target_modules,
-        get_lora_config,
-        get_multi_lora_configs,
-        lora_modules,
-        multi_lora_modules,
-    )
+    from lorafusion.adapter_loading import load_adapter
+    from lorafusion.adapters import save_adapter
+    from lorafusion.apply import apply_lora, apply_multi_lora, find_target_modules
     from lorafusion.config import LoRAConfig
+    from lorafusion.lora_state import get_lora_config, get_multi_lora_configs, lora_modules, multi_lora_modules
     from lorafusion.modules import FusedLoRALinear, MultiLoRABatch, MultiLoRALinear, multi_lora_batch
     from lorafusion.peft_fusion import fuse_peft, unfuse_peft
 

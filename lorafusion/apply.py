@@ -13,12 +13,16 @@ from torch import nn
 
 from lorafusion.config import ALL_LINEAR, LoRAConfig, normalized_target_modules
 from lorafusion.modules import FusedLoRALinear, MultiLoRALinear
+from lorafusion.adapters import save_adapter_beside, save_trainable_for_resume
+from lorafusion.lora_state import (
+    CONFIG_ATTRIBUTE,
+    MULTI_CONFIG_ATTRIBUTE,
+    get_lora_config,
+    get_multi_lora_configs,
+    lora_modules,
+    multi_lora_modules,
+)
 from lorafusion.qlora import NF4Linear, check_quantize
-
-# Attributes of the model where apply_lora records its config, and apply_multi_lora its configs
-# by adapter name (read by save_adapter).
-CONFIG_ATTRIBUTE = "lorafusion_config"
-MULTI_CONFIG_ATTRIBUTE = "lorafusion_multi_configs"
 
 _MAX_NAMES_IN_ERRORS = 20
 
@@ -118,16 +122,6 @@ def _conv1d_hint(model: nn.Module) -> str:
     )
 
 
-def lora_modules(model: nn.Module) -> dict[str, FusedLoRALinear]:
-    """The FusedLoRALinear layers of `model` by full module name, in model order."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, FusedLoRALinear)}
-
-
-def get_lora_config(model: nn.Module) -> LoRAConfig | None:
-    """The LoRAConfig apply_lora (or load_adapter) recorded on `model`, or None."""
-    return getattr(model, CONFIG_ATTRIBUTE, None)
-
-
 def apply_lora(
     model: nn.Module,
     config: LoRAConfig,
@@ -212,8 +206,6 @@ def _save_pretrained_with_adapter(self, save_directory, *args, is_main_process: 
     loads the base from the checkpoint and the adapter on top of it, `PeftModel.from_pretrained`
     and `lorafusion.load_adapter` read the adapter, and Trainer resumes from the full checkpoint.
     A 4-bit model writes no base weights (its NF4 base is the checkpoint it was loaded from)."""
-    from lorafusion.adapters import save_adapter_beside, save_trainable_for_resume
-
     quantized = getattr(self, "is_quantized", False)
     if not quantized:
         type(self).save_pretrained(self, save_directory, *args, is_main_process=is_main_process, **kwargs)
@@ -240,16 +232,6 @@ def _has_adapters(model: nn.Module) -> bool:
         or bool(get_multi_lora_configs(model))
         or any(isinstance(m, (FusedLoRALinear, MultiLoRALinear)) for m in model.modules())
     )
-
-
-def multi_lora_modules(model: nn.Module) -> dict[str, MultiLoRALinear]:
-    """The MultiLoRALinear layers of `model` by full module name, in model order."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, MultiLoRALinear)}
-
-
-def get_multi_lora_configs(model: nn.Module) -> dict[str, LoRAConfig]:
-    """The LoRAConfig of each adapter apply_multi_lora put on `model` (empty if none)."""
-    return getattr(model, MULTI_CONFIG_ATTRIBUTE, {})
 
 
 def adapter_init_generator(seed: int, module_name: str) -> torch.Generator:

@@ -70,7 +70,7 @@ def load_model(args: argparse.Namespace):
     import torch
     import transformers
 
-    from lorafusion.adapters import load_adapter
+    from lorafusion.adapter_loading import load_adapter
     from lorafusion.runtime.tokenizer import load_tokenizer
 
     try:

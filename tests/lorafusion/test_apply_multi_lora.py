@@ -11,7 +11,8 @@ import torch
 
 from lorafusion import LoRAConfig, apply_lora
 from lorafusion.adapters import save_adapter
-from lorafusion.apply import apply_multi_lora, lora_modules, multi_lora_modules
+from lorafusion.apply import apply_multi_lora
+from lorafusion.lora_state import lora_modules, multi_lora_modules
 from lorafusion.modules import MultiLoRABatch, multi_lora_batch
 
 JOBS = {

@@ -199,7 +199,8 @@ def test_parity_with_peft_lora_on_bitsandbytes_linear4bit():
 
 def test_load_adapter_onto_a_model_of_bitsandbytes_linear4bit_layers(tmp_path):
     """The expected LoRA shapes come from in/out_features: a Linear4bit's weight is stored packed."""
-    from lorafusion.adapters import load_adapter, save_adapter
+    from lorafusion.adapter_loading import load_adapter
+    from lorafusion.adapters import save_adapter
 
     torch.manual_seed(0)
     trained = apply_lora(TinyMLP(), LoRAConfig(r=4, lora_alpha=8, target_modules=["up", "down"], backend="torch"))

@@ -71,6 +71,8 @@ class DecoderStage(nn.Module):
         self.rotary_emb = decoder.rotary_emb
         self.norm = decoder.norm if is_last else None
         self.lm_head = model.lm_head if is_last else None
+        # Gemma2 caps its logits in the causal LM's forward, which the last stage replaces.
+        self.final_logit_softcap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
 
     def forward(
         self, inputs: torch.Tensor, position_ids: torch.Tensor, sample_lengths: tuple[int, ...] | None = None
@@ -86,9 +88,12 @@ class DecoderStage(nn.Module):
             )
             if isinstance(hidden, tuple):
                 hidden = hidden[0]
-        if self.is_last:
-            return self.lm_head(self.norm(hidden))
-        return hidden
+        if not self.is_last:
+            return hidden
+        logits = self.lm_head(self.norm(hidden))
+        if self.final_logit_softcap is not None:
+            logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+        return logits
 
 
 def split_model(model: nn.Module, num_stages: int, stage_layers: Sequence[int] | None = None) -> list[DecoderStage]:

@@ -17,10 +17,12 @@ ARCHITECTURES = {
     "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Checkpoint model types whose attention the packed-microbatch attention computes exactly (tested);
-# others (Gemma2's logit softcap, Falcon's own attention, encoder-decoders) would train a different
-# model or fail deep inside transformers.
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+# Checkpoint model types whose attention the packed-microbatch attention computes exactly, with every
+# option they pass it (scaling, dropout, sliding windows, Gemma2's logit softcap): tested against each
+# sample run alone with the model's eager attention. Others (Gemma3's per-layer rotary embeddings,
+# gpt-oss's attention sinks, Falcon's own attention, encoder-decoders) would train a different model
+# or fail deep inside transformers.
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
 
 
 def check_architecture(config: transformers.PretrainedConfig, source: str) -> None:
@@ -31,9 +33,11 @@ def check_architecture(config: transformers.PretrainedConfig, source: str) -> No
             f"{source}: model_type {model_type!r} is not supported by the training runtime (supported: "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}); for other models use lorafusion.fuse_peft in a PEFT script"
         )
-    for option in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(config, option, None) is not None:
-            raise ValueError(f"{source}: {option}={getattr(config, option)} is not supported by the packed attention")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(
+            f"{source}: use_bidirectional_attention=True is not supported by the training runtime (its packed "
+            f"attention is causal)"
+        )
 
 
 def build_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> transformers.PreTrainedModel:

@@ -49,3 +49,28 @@ def test_bad_layouts(tiny_model):
         split_model(tiny_model, 2, stage_layers=[2, 2])
     with pytest.raises(TypeError, match="not a Hugging Face decoder-only causal LM"):
         split_model(torch.nn.Linear(2, 2), 2)
+
+
+def test_gemma2_stages_keep_its_windows_and_softcaps():
+    """Gemma2 caps its final logits in the causal LM's forward, which the last stage replaces; its
+    sliding windows and attention softcap reach the packed attention through the stages' layers."""
+    from lorafusion.runtime.attention import PACKED_ATTENTION
+
+    config = transformers.Gemma2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=100, sliding_window=3, attn_logit_softcapping=0.5, final_logit_softcapping=2.0,
+        initializer_range=0.3,
+    )
+    config._attn_implementation = PACKED_ATTENTION
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    lengths = (6, 2, 7)
+    ids = torch.randint(0, 100, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        expected = model(input_ids=ids, position_ids=positions, sample_lengths=lengths).logits
+        hidden = ids
+        for stage in split_model(model, 2):
+            hidden = stage(hidden, positions, lengths)
+    assert expected.abs().max() < 2.0  # the cap binds
+    torch.testing.assert_close(hidden, expected, rtol=1e-6, atol=1e-6)

@@ -1,5 +1,5 @@
 """The runtime trains only checkpoints whose attention it computes exactly; any other gets one line
-naming the model type (not a KeyError deep in transformers, not a silently dropped softcap)."""
+naming the model type or option (not a KeyError deep in transformers, not a silently dropped option)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def test_each_supported_checkpoint_attends_within_packed_samples_only(tmp_path, 
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**TINY, head_dim=8)), "model_type 'gemma2'"),
+        (lambda: transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**TINY, head_dim=8)),
+         "model_type 'gemma3_text'"),
         (lambda: transformers.FalconForCausalLM(transformers.FalconConfig(hidden_size=32, num_hidden_layers=1,
                                                                           num_attention_heads=4, vocab_size=64)),
          "model_type 'falcon'"),
@@ -63,5 +64,14 @@ def test_other_checkpoints_get_one_line(tmp_path, make, message):
     torch.manual_seed(0)
     path = saved(tmp_path, make())
     with pytest.raises(ValueError, match=rf"model.path {path}: {message} is not supported .*fuse_peft") as error:
+        build_base_model(ModelSpec(path=path, architecture=None, config={}))
+    assert "\n" not in str(error.value)
+
+
+def test_bidirectional_attention_gets_one_line(tmp_path):
+    torch.manual_seed(0)
+    model = transformers.GemmaForCausalLM(transformers.GemmaConfig(**TINY, head_dim=8, use_bidirectional_attention=True))
+    path = saved(tmp_path, model)
+    with pytest.raises(ValueError, match=rf"model.path {path}: use_bidirectional_attention=True is not supported") as error:
         build_base_model(ModelSpec(path=path, architecture=None, config={}))
     assert "\n" not in str(error.value)

@@ -16,8 +16,9 @@ Shape (defaults in parentheses; see the dataclasses for meanings)::
     tokenizer: null             # local tokenizer directory; null: the built-in byte tokenizer
     jobs:
       - name: addition          # required, unique, [A-Za-z0-9_-]+
-        data: data/add.jsonl    # required, JSONL
-        format: prompt_completion   # prompt_completion | text
+        data: data/add.jsonl    # required: JSONL, Parquet (file or directory), or a datasets.save_to_disk directory
+        format: prompt_completion   # prompt_completion | text | messages (chat template; loss on assistant turns)
+        columns: null           # the dataset's names for the format's fields, e.g. {prompt: question, completion: answer}
         r: 8
         lora_alpha: 16
         lora_dropout: 0.0
@@ -32,7 +33,10 @@ Shape (defaults in parentheses; see the dataclasses for meanings)::
         epochs: null
         max_seq_len: 512
         seed: 0
-        eval_data: null         # {"prompt", "completion"} JSONL: exact-match accuracy in the closing summary
+        eval_data: null         # held-out records, as `data`: eval loss; prompt_completion also exact-match accuracy
+        eval_fraction: null     # instead of eval_data: this share of `data`, split off by `seed`
+        eval_every: null        # optimizer steps between eval losses (also at the last step); null: last step only
+        early_stopping_patience: null   # evals without a better eval loss that stop the job; publishes its best adapter
     scheduler: {capacity: 4096, solver: milp, time_limit_s: 0.5, pad_multiple: 1}
     parallel: {engine: none, pipeline_stages: 1, data_parallel: 1, timeout_s: 600}
     output_dir: runs/NAME       # (runs/<config file stem>)
@@ -65,7 +69,9 @@ from .output_dir import RESERVED_NAMES
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("nf4",)
-DATA_FORMATS = ("prompt_completion", "text")
+DATA_FORMATS = ("prompt_completion", "text", "messages")
+# The fields of each format, which a job's `columns` may rename (see runtime.data).
+FORMAT_FIELDS = {"prompt_completion": ("prompt", "completion"), "text": ("text",), "messages": ("messages", "tools")}
 LR_SCHEDULES = ("constant", "linear", "cosine")
 SCHEDULE_POLICIES = ("lorafusion", "megatron", "mlora")
 SOLVERS = ("milp", "greedy")
@@ -160,7 +166,11 @@ class JobSpec:
     epochs: float | None
     max_seq_len: int
     seed: int
-    eval_data: Path | None = None  # {"prompt", "completion"} JSONL: exact-match accuracy reported at the end
+    eval_data: Path | None = None  # held-out records in the job's format: eval loss (and exact match for prompt_completion)
+    columns: dict[str, str] | None = None  # format field -> the dataset's column name
+    eval_fraction: float | None = None  # share of `data` held out for the eval loss instead of eval_data
+    eval_every: int | None = None  # optimizer steps between eval losses; None: only at the last step
+    early_stopping_patience: int | None = None  # evals without improvement that stop the job (best adapter kept)
 
 
 @dataclass(frozen=True)
@@ -253,7 +263,7 @@ def parse_config(data: dict, base_dir: Path, config_path: Path | None = None) ->
     # An empty section (`scheduler:`) means all defaults.
     scheduler = _parse_scheduler(checker, data.get("scheduler") or {})
     parallel = _parse_parallel(checker, data.get("parallel") or {})
-    jobs = _parse_jobs(checker, data["jobs"], scheduler, model) if "jobs" in data else []
+    jobs = _parse_jobs(checker, data["jobs"], scheduler, model, parallel) if "jobs" in data else []
 
     default_output_dir = f"runs/{config_path.stem}" if config_path is not None else "runs"
     output_dir = checker.string(data, "output_dir", "", default=default_output_dir)
@@ -396,7 +406,9 @@ def _stage_layers(checker: _Checker, parallel: dict) -> tuple[int, ...] | None:
     return tuple(value)
 
 
-def _parse_jobs(checker: _Checker, section: object, scheduler: SchedulerSpec, model: ModelSpec | None) -> list[JobSpec]:
+def _parse_jobs(
+    checker: _Checker, section: object, scheduler: SchedulerSpec, model: ModelSpec | None, parallel: ParallelSpec
+) -> list[JobSpec]:
     if not isinstance(section, list) or not section:
         checker.add("jobs", f"must be a non-empty list of jobs, got {_describe(section)}")
         return []
@@ -452,7 +464,7 @@ def _parse_jobs(checker: _Checker, section: object, scheduler: SchedulerSpec, mo
         jobs.append(
             JobSpec(
                 name=name,
-                data=checker.file(job, "data", where),
+                data=_dataset_path(checker, job, "data", where),
                 format=checker.choice(job, "format", where, DATA_FORMATS, default="prompt_completion"),
                 r=checker.integer(job, "r", where, default=8, minimum=1, maximum=MAX_RANK),
                 lora_alpha=checker.number(job, "lora_alpha", where, default=16.0, bounds="positive"),
@@ -468,10 +480,59 @@ def _parse_jobs(checker: _Checker, section: object, scheduler: SchedulerSpec, mo
                 epochs=epochs,
                 max_seq_len=max_seq_len,
                 seed=checker.integer(job, "seed", where, default=0, minimum=0, limit=MAX_SEED),
-                eval_data=checker.file(job, "eval_data", where) if job.get("eval_data") is not None else None,
+                eval_data=_dataset_path(checker, job, "eval_data", where) if job.get("eval_data") is not None else None,
+                **_evaluation_keys(checker, job, where, parallel),
             )
         )
     return jobs
+
+
+def _dataset_path(checker: _Checker, job: dict, key: str, where: str) -> Path | None:
+    """A JSONL or Parquet file, or a directory (of Parquet files, or from datasets' save_to_disk), resolved."""
+    value = checker.string(job, key, where)
+    if value is None:
+        return None
+    resolved = checker.resolve(value)
+    if not resolved.exists():
+        checker.add(_join(where, key), f"not found: {resolved} (a JSONL or Parquet file, or a dataset directory)")
+    return resolved
+
+
+def _evaluation_keys(checker: _Checker, job: dict, where: str, parallel: ParallelSpec) -> dict:
+    """columns, eval_fraction, eval_every and early_stopping_patience of a job, checked together."""
+    format = job.get("format", "prompt_completion")
+    columns = job.get("columns")
+    if columns is not None:
+        fields = FORMAT_FIELDS.get(format, ())
+        if not isinstance(columns, dict) or not columns:
+            checker.add(f"{where}.columns", f"must be a mapping of field to column name, e.g. {{{fields[0] if fields else 'text'}: my_column}}; got {_describe(columns)}")
+            columns = None
+        else:
+            for field, column in columns.items():
+                if fields and field not in fields:
+                    checker.add(f"{where}.columns.{field}", f"not a field of format {format}; its fields: {', '.join(fields)}")
+                if not isinstance(column, str) or not column:
+                    checker.add(f"{where}.columns.{field}", f"must be a column name (a non-empty string), got {_describe(column)}")
+    eval_fraction = checker.number(job, "eval_fraction", where, default=None, bounds="positive")
+    if eval_fraction is not None and eval_fraction >= 1:
+        checker.add(f"{where}.eval_fraction", f"must be in (0, 1): the share of data held out, got {job['eval_fraction']}")
+    if job.get("eval_fraction") is not None and job.get("eval_data") is not None:
+        checker.add(f"{where}.eval_fraction", "set either eval_data or eval_fraction, not both")
+    eval_every = checker.integer(job, "eval_every", where, default=None, minimum=1, limit=MAX_STEPS)
+    has_eval = job.get("eval_data") is not None or job.get("eval_fraction") is not None
+    if job.get("eval_every") is not None and not has_eval:
+        checker.add(f"{where}.eval_every", "needs held-out records: set eval_data or eval_fraction")
+    if job.get("eval_every") is not None and parallel.engine not in ("none", None):
+        checker.add(f"{where}.eval_every", f"the eval loss runs in a single process: needs parallel.engine none, not {parallel.engine}")
+    patience = checker.integer(job, "early_stopping_patience", where, default=None, minimum=1, limit=MAX_STEPS)
+    if job.get("early_stopping_patience") is not None and job.get("eval_every") is None:
+        checker.add(f"{where}.early_stopping_patience", "needs eval_every (and eval_data or eval_fraction)")
+    return {
+        "columns": dict(columns) if columns is not None else None,
+        "eval_fraction": eval_fraction if eval_fraction is not None and eval_fraction < 1 else None,
+        "eval_every": eval_every,
+        "early_stopping_patience": patience,
+    }
 
 
 _REQUIRED = object()  # default of a key that must be present (its absence is reported by check_keys)

@@ -1,13 +1,17 @@
-"""JSONL training data -> tokenized samples with loss labels.
+"""Training data -> tokenized samples with loss labels.
 
-Formats (one JSON object per line; other fields are ignored):
+Formats (one record per JSONL line or table row; other fields are ignored; `columns` in a job's
+config maps these field names to the dataset's own):
 
 * "prompt_completion": {"prompt": str, "completion": str}; the loss is taken on the completion
   and the end-of-sequence token only.
 * "text": {"text": str}; the loss is taken on the whole text and the end-of-sequence token.
+* "messages": {"messages": [{"role", "content"}, ...]} (optionally "tools"), rendered by the
+  tokenizer's chat template; the loss is taken on the assistant turns only (see chat.py).
 
-A sample is [bos] + prompt + completion + [eos] (or [bos] + text + [eos]), truncated to
-max_seq_len; bos is left out for tokenizers that have none.
+A prompt_completion or text sample is [bos] + prompt + completion + [eos] (or [bos] + text + [eos]),
+truncated to max_seq_len; bos is left out for tokenizers that have none. Where records come from
+(JSONL, Parquet, a datasets.save_to_disk directory) is data_sources.py's business.
 """
 
 from __future__ import annotations
@@ -16,11 +20,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 IGNORE_INDEX = -100  # label of a position without loss (PyTorch cross_entropy's default ignore_index)
-DATA_FORMATS = ("prompt_completion", "text")
-_FIELDS_OF_FORMAT = {"prompt_completion": ("prompt", "completion"), "text": ("text",)}
+# Each format's fields (the ones a job's `columns` may rename), and the optional ones it reads when present.
+FIELDS_OF_FORMAT = {"prompt_completion": ("prompt", "completion"), "text": ("text",), "messages": ("messages",)}
+OPTIONAL_FIELDS_OF_FORMAT = {"prompt_completion": (), "text": (), "messages": ("tools",)}
+DATA_FORMATS = tuple(FIELDS_OF_FORMAT)
 
 
 class Tokenizer(Protocol):
@@ -54,51 +60,83 @@ class Sample:
 
 
 class DataError(ValueError):
-    """A bad record or file: .path, .record (1-based line, or None for file-level problems), message names both."""
+    """A bad record or file: .path, .record (1-based line of a JSONL file, or 0-based row index of a
+    table, or None for file-level problems), .unit ("line" or "row"); the message names them."""
 
-    def __init__(self, path: str | os.PathLike, record: int | None, reason: str) -> None:
+    def __init__(self, path: str | os.PathLike, record: int | None, reason: str, unit: str = "line") -> None:
         self.path = Path(path)
         self.record = record
+        self.unit = unit
         self.reason = reason
-        where = f"{self.path}" if record is None else f"{self.path}, line {record}"
+        where = f"{self.path}" if record is None else f"{self.path}, {unit} {record}"
         super().__init__(f"{where}: {reason}")
 
 
-def load_jsonl_dataset(path: str | os.PathLike, format: str, tokenizer: Tokenizer, max_seq_len: int) -> list[Sample]:
-    """Read and tokenize every record of a JSONL file, in file order.
+def load_samples(
+    path: str | os.PathLike, format: str, tokenizer: Tokenizer, max_seq_len: int, columns: dict[str, str] | None = None
+) -> list[Sample]:
+    """Read and tokenize every record of a dataset (a JSONL or Parquet file, a directory of Parquet
+    files or one written by datasets' save_to_disk; see data_sources.py), in order.
 
-    Blank lines are skipped; record numbers are line numbers, so they still count blank lines.
-    Raises DataError on an unreadable file, invalid JSON, a record that is not an object, a missing
-    or non-string field, a record with no target token after truncation, or an empty dataset.
+    `columns` maps the format's field names to the dataset's (e.g. {"prompt": "question"}).
+    Raises DataError naming the file and the line (or row) on a bad record, a record with no target
+    token after truncation, an unreadable or empty dataset.
     """
     if format not in DATA_FORMATS:
         raise ValueError(f"format must be one of {', '.join(DATA_FORMATS)}, got {format!r}")
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
-    path = Path(path)
-    samples = []
-    for line_number, raw_line in jsonl_lines(path):
-        fields = _FIELDS_OF_FORMAT[format]
-        record = parse_jsonl_record(path, line_number, raw_line, fields, f"format {format} needs")
-        samples.append(_tokenize(path, line_number, record, format, tokenizer, max_seq_len))
-    return samples
+    from .data_sources import read_records  # data_sources builds on this module
+
+    if format == "messages":
+        from .chat import ChatRenderer
+
+        renderer = ChatRenderer.of(tokenizer, Path(path))
+        return [renderer.sample(record, max_seq_len) for record in read_records(path, format, columns)]
+    return [_tokenize(record, format, tokenizer, max_seq_len) for record in read_records(path, format, columns)]
+
+
+def load_jsonl_dataset(path: str | os.PathLike, format: str, tokenizer: Tokenizer, max_seq_len: int) -> list[Sample]:
+    """load_samples of a JSONL file with the format's own field names (blank lines are skipped;
+    record numbers are line numbers, so they still count blank lines)."""
+    return load_samples(path, format, tokenizer, max_seq_len)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record of a dataset, its fields under the format's names (whatever `columns` mapped).
+
+    number: the 1-based line of a JSONL file, or the 0-based row index of a table (as dataset[i]).
+    """
+
+    path: Path
+    number: int
+    unit: str  # "line" | "row"
+    fields: dict[str, Any]
+
+    def error(self, reason: str) -> DataError:
+        return DataError(self.path, self.number, reason, self.unit)
 
 
 def jsonl_lines(path: Path):
-    """(line number, raw line) of each non-blank line of a JSONL file; DataError naming the file
-    when it cannot be read or holds no record."""
+    """(line number, raw line) of each non-blank line of a JSONL file, read a line at a time (a large
+    file is never held whole); DataError naming the file when it cannot be read or holds no record."""
     try:
-        content = path.read_bytes()
+        file = open(path, "rb")  # noqa: SIM115 - closed below, after the last line is yielded
     except OSError as error:
         raise DataError(path, None, f"cannot read: {error.strerror or error}") from error
     found = False
-    # Split bytes, not text, so an invalid UTF-8 line is reported with its number.
-    for line_number, raw_line in enumerate(content.split(b"\n"), start=1):
-        if line_number == 1:
-            raw_line = raw_line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
-        if raw_line.strip():
-            found = True
-            yield line_number, raw_line
+    with file:
+        # Bytes, not text, so an invalid UTF-8 line is reported with its number; binary files split at b"\n" only.
+        try:
+            for line_number, raw_line in enumerate(file, start=1):
+                if line_number == 1:
+                    raw_line = raw_line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+                if raw_line.strip():
+                    found = True
+                    yield line_number, raw_line
+        except OSError as error:  # a directory, or a read failing midway
+            raise DataError(path, None, f"cannot read: {error.strerror or error}") from error
     if not found:
         raise DataError(path, None, "no records (the file is empty or has only blank lines)")
 
@@ -108,6 +146,13 @@ def parse_jsonl_record(
 ) -> dict[str, str]:
     """The string `fields` (and those of `optional` present) of one JSONL record; DataError naming
     the file, the line and what is wrong (`needs` says who requires the fields)."""
+    record = parse_json_object(path, line_number, raw_line)
+    fail = lambda reason: DataError(path, line_number, reason)  # noqa: E731
+    return check_fields(record, fields, optional, needs, fail, kinds={field: str for field in fields + optional})
+
+
+def parse_json_object(path: Path, line_number: int, raw_line: bytes) -> dict:
+    """One JSONL line as a JSON object; DataError naming the file and line otherwise."""
     try:
         line = raw_line.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -119,43 +164,49 @@ def parse_jsonl_record(
     except RecursionError:
         raise DataError(path, line_number, "invalid JSON: nested too deeply") from None
     if not isinstance(record, dict):
-        raise DataError(path, line_number, f"expected a JSON object, got {_json_type(record)}")
+        raise DataError(path, line_number, f"expected a JSON object, got {json_type(record)}")
+    return record
+
+
+def check_fields(
+    record: dict, fields: tuple[str, ...], optional: tuple[str, ...], needs: str, fail, kinds: dict[str, type]
+) -> dict:
+    """`fields` (and those of `optional` present) of `record`, each checked to be of its
+    kind (str or list); `fail(reason)` builds the DataError that names the record."""
     for field in fields:
         if field not in record:
             expected = ", ".join(f'"{name}"' for name in fields)
-            raise DataError(path, line_number, f'missing field "{field}" ({needs} {expected})')
-    fields = fields + tuple(field for field in optional if field in record)
-    for field in fields:
-        if not isinstance(record[field], str):
-            raise DataError(path, line_number, f'field "{field}" must be a string, got {_json_type(record[field])}')
-        try:
-            record[field].encode("utf-8")
-        except UnicodeEncodeError as error:  # JSON admits escapes such as "\ud800" that are no character
-            bad = record[field][error.start]
-            raise DataError(path, line_number, f'field "{field}" holds a lone surrogate (\\u{ord(bad):04x}), not text') from None
-    return {field: record[field] for field in fields}
+            raise fail(f'missing field "{field}" ({needs} {expected})')
+    present = fields + tuple(field for field in optional if field in record)
+    for field in present:
+        value, kind = record[field], kinds[field]
+        if not isinstance(value, kind):
+            raise fail(f'field "{field}" must be {"a string" if kind is str else "an array"}, got {json_type(value)}')
+        if kind is str:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:  # JSON admits escapes such as "\ud800" that are no character
+                raise fail(f'field "{field}" holds a lone surrogate (\\u{ord(value[error.start]):04x}), not text') from None
+    return {field: record[field] for field in present}
 
 
-def _tokenize(
-    path: Path, line_number: int, record: dict[str, str], format: str, tokenizer: Tokenizer, max_seq_len: int
-) -> Sample:
+def _tokenize(record: Record, format: str, tokenizer: Tokenizer, max_seq_len: int) -> Sample:
     prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     if format == "prompt_completion":
-        unlabelled = prefix + tokenizer.encode(record["prompt"])
-        labelled = tokenizer.encode(record["completion"]) + [tokenizer.eos_token_id]
+        unlabelled = prefix + tokenizer.encode(record.fields["prompt"])
+        labelled = tokenizer.encode(record.fields["completion"]) + [tokenizer.eos_token_id]
     else:
         unlabelled = prefix
-        labelled = tokenizer.encode(record["text"]) + [tokenizer.eos_token_id]
+        labelled = tokenizer.encode(record.fields["text"]) + [tokenizer.eos_token_id]
     input_ids = (unlabelled + labelled)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(unlabelled) + labelled)[:max_seq_len]
-    sample = Sample(record=line_number, input_ids=tuple(input_ids), labels=tuple(labels))
+    sample = Sample(record=record.number, input_ids=tuple(input_ids), labels=tuple(labels))
     if sample.num_target_tokens == 0:
         cause = f": the prompt takes {len(unlabelled)} of them" if format == "prompt_completion" else ""
-        raise DataError(path, line_number, f"no target token within max_seq_len={max_seq_len}{cause}")
+        raise record.error(f"no target token within max_seq_len={max_seq_len}{cause}")
     return sample
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
     return names.get(type(value), "a number")
-

@@ -114,6 +114,7 @@ class HFTokenizer:
         if tokenizer.eos_token_id is None:
             raise ValueError(f"tokenizer {source} has no eos token; the runtime ends every sample with one")
         self.hf_tokenizer = tokenizer
+        self.source = source  # where it was loaded from, for messages naming it
         self.bos_token_id: int | None = tokenizer.bos_token_id
         self.eos_token_id: int = tokenizer.eos_token_id
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id

@@ -159,7 +159,7 @@ def test_model_path_checkpoint(base_dir: Path) -> None:
         ({"global_batch_size": 0}, "jobs[1].global_batch_size", "must be >= 1, got 0"),
         ({"max_seq_len": 0}, "jobs[1].max_seq_len", "must be >= 1, got 0"),
         ({"use_rslora": "yes"}, "jobs[1].use_rslora", "must be true or false, got 'yes' (str)"),
-        ({"format": "chat"}, "jobs[1].format", "must be one of prompt_completion, text; got 'chat' (str)"),
+        ({"format": "chat"}, "jobs[1].format", "must be one of prompt_completion, text, messages; got 'chat' (str)"),
         ({"lr_schedule": "step"}, "jobs[1].lr_schedule", "must be one of constant, linear, cosine; got 'step' (str)"),
         ({"max_steps": 10, "epochs": 2}, "jobs[1]", "max_steps and epochs are both set; set at most one"),
         ({"max_steps": 0}, "jobs[1].max_steps", "must be >= 1, got 0"),
@@ -169,6 +169,18 @@ def test_model_path_checkpoint(base_dir: Path) -> None:
         ({"target_modules": []}, "jobs[1].target_modules", None),
         ({"lora_alpah": 16}, "jobs[1].lora_alpah", "unknown key; did you mean 'lora_alpha'?"),
         ({"max_seq_len": 8192}, "jobs[1].max_seq_len", None),
+        ({"columns": {"prompt": "question", "answer": "a"}}, "jobs[1].columns.answer",
+         "not a field of format prompt_completion; its fields: prompt, completion"),
+        ({"columns": {"text": ""}, "format": "text"}, "jobs[1].columns.text", "must be a column name (a non-empty string), got '' (str)"),
+        ({"columns": ["text"]}, "jobs[1].columns", "must be a mapping of field to column name, e.g. {prompt: my_column}; got a list"),
+        ({"eval_fraction": 1.0}, "jobs[1].eval_fraction", "must be in (0, 1): the share of data held out, got 1.0"),
+        ({"eval_fraction": 0}, "jobs[1].eval_fraction", "must be > 0, got 0"),
+        ({"eval_fraction": 0.1, "eval_data": "data/a.jsonl"}, "jobs[1].eval_fraction", "set either eval_data or eval_fraction, not both"),
+        ({"eval_every": 10}, "jobs[1].eval_every", "needs held-out records: set eval_data or eval_fraction"),
+        ({"eval_every": 0, "eval_fraction": 0.1}, "jobs[1].eval_every", "must be >= 1, got 0"),
+        ({"early_stopping_patience": 2, "eval_fraction": 0.1}, "jobs[1].early_stopping_patience",
+         "needs eval_every (and eval_data or eval_fraction)"),
+        ({"early_stopping_patience": 0, "eval_every": 5, "eval_fraction": 0.1}, "jobs[1].early_stopping_patience", "must be >= 1, got 0"),
     ],
 )
 def test_job_validation(base_dir: Path, job_changes: dict, key: str, reason: str | None) -> None:
@@ -210,7 +222,7 @@ def test_missing_job_keys(base_dir: Path, missing: str) -> None:
 def test_missing_data_file(base_dir: Path) -> None:
     data = minimal_config()
     data["jobs"][0]["data"] = "data/missing.jsonl"
-    assert only_problem(data, base_dir) == ("jobs[0].data", f"file not found: {base_dir / 'data' / 'missing.jsonl'}")
+    assert only_problem(data, base_dir) == ("jobs[0].data", f"not found: {base_dir / 'data' / 'missing.jsonl'} (a JSONL or Parquet file, or a dataset directory)")
 
 
 @pytest.mark.parametrize("missing", ["model", "jobs"])

@@ -1,0 +1,169 @@
+"""Where a job's records come from, and under which names.
+
+A job's `data` (and `eval_data`) is one of:
+
+* a JSONL file (any name not ending in .parquet), read a line at a time;
+* a Parquet file (*.parquet), or a directory of them (read in name order), read in batches of rows;
+* a directory written by `datasets.Dataset.save_to_disk` (it holds state.json), memory-mapped
+  Arrow, read in batches of rows.
+
+Parquet and save_to_disk need the `data` extra (datasets, pyarrow), imported only when such a
+dataset is read. Records are yielded one at a time and tokenized as they come, so a dataset is
+never held in Python objects twice: a 1 GB JSONL is read once, and what stays is its samples.
+
+`columns` maps a format's field names to the dataset's own (`{"prompt": "question"}`); a record's
+fields reach the tokenizer under the format's names, and errors name the dataset's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from .data import (
+    FIELDS_OF_FORMAT,
+    OPTIONAL_FIELDS_OF_FORMAT,
+    DataError,
+    Record,
+    check_fields,
+    jsonl_lines,
+    parse_json_object,
+)
+
+BATCH_ROWS = 1024  # rows converted to Python objects at a time
+DATA_EXTRA_HINT = "pip install 'lorafusion[data]'"
+SAVE_TO_DISK_MARKER = "state.json"  # what datasets' save_to_disk writes beside a Dataset's Arrow files
+DATASET_DICT_MARKER = "dataset_dict.json"  # ... and beside a DatasetDict's split directories
+_LIST_FIELDS = ("messages", "tools")  # the other fields are strings
+
+
+def read_records(path: str | os.PathLike, format: str, columns: Mapping[str, str] | None = None) -> Iterator[Record]:
+    """Each record of the dataset at `path`, in order, with the fields of `format` (see data.py)
+    checked and named as the format names them. DataError naming the file and the line (JSONL)
+    or row index (tables) of a bad record, or the file that cannot be read or holds no record."""
+    path = Path(path)
+    fields = _Fields(format, columns or {})
+    if path.is_dir():
+        if (path / SAVE_TO_DISK_MARKER).is_file():
+            yield from _read_saved_dataset(path, fields)
+        elif (path / DATASET_DICT_MARKER).is_file():
+            splits = sorted(child.name for child in path.iterdir() if (child / SAVE_TO_DISK_MARKER).is_file())
+            raise DataError(path, None, f"holds a DatasetDict (splits: {', '.join(splits)}); give one split's directory, e.g. {path / (splits or ['train'])[0]}")
+        elif parquet_files := sorted(path.glob("*.parquet")):
+            yield from _read_parquet(path, parquet_files, fields)
+        else:
+            raise DataError(path, None, f"not a dataset directory: no {SAVE_TO_DISK_MARKER} (datasets' save_to_disk) and no *.parquet files")
+    elif path.suffix == ".parquet":
+        yield from _read_parquet(path, [path], fields)
+    else:
+        yield from _read_jsonl(path, fields)
+
+
+class _Fields:
+    """A format's fields under the dataset's column names, and the checks of a record's values."""
+
+    def __init__(self, format: str, columns: Mapping[str, str]) -> None:
+        self.required = tuple(columns.get(f, f) for f in FIELDS_OF_FORMAT[format])
+        self.optional = tuple(columns.get(f, f) for f in OPTIONAL_FIELDS_OF_FORMAT[format])
+        self.format_name = {columns.get(f, f): f for f in FIELDS_OF_FORMAT[format] + OPTIONAL_FIELDS_OF_FORMAT[format]}
+        self.kinds = {column: list if name in _LIST_FIELDS else str for column, name in self.format_name.items()}
+        self.needs = f"format {format} needs"
+
+    def record(self, path: Path, number: int, unit: str, values: dict) -> Record:
+        fail = lambda reason: DataError(path, number, reason, unit)  # noqa: E731
+        checked = check_fields(values, self.required, self.optional, self.needs, fail, self.kinds)
+        return Record(path, number, unit, {self.format_name[column]: value for column, value in checked.items()})
+
+    def check_columns(self, path: Path, names: list[str]) -> list[str]:
+        """The dataset's columns to read; DataError naming a required one it lacks."""
+        for column in self.required:
+            if column not in names:
+                expected = ", ".join(f'"{name}"' for name in self.required)
+                raise DataError(
+                    path, None, f'no column "{column}" ({self.needs} {expected}; it has {", ".join(names) or "none"}); '
+                    "map yours with the job's columns key"
+                )
+        return [column for column in self.required + self.optional if column in names]
+
+
+def _read_jsonl(path: Path, fields: _Fields) -> Iterator[Record]:
+    for number, raw_line in jsonl_lines(path):
+        yield fields.record(path, number, "line", parse_json_object(path, number, raw_line))
+
+
+def _read_parquet(path: Path, files: list[Path], fields: _Fields) -> Iterator[Record]:
+    pyarrow = _import_data_extra("pyarrow", path, "Parquet")
+    parquet = _import_data_extra("pyarrow.parquet", path, "Parquet")
+    rows = 0
+    for file in files:
+        try:
+            table = parquet.ParquetFile(file)
+            names = table.schema_arrow.names
+        except (OSError, pyarrow.ArrowException) as error:
+            raise DataError(file, None, f"not a readable Parquet file ({error})") from None
+        batches = table.iter_batches(batch_size=BATCH_ROWS, columns=fields.check_columns(file, names))
+        for first_row, batch in _numbered(batches, file, pyarrow):
+            yield from _rows(file, first_row, batch.to_pydict(), fields)
+            rows += batch.num_rows
+    if rows == 0:
+        raise DataError(path, None, "no records (no rows)")
+
+
+def _read_saved_dataset(path: Path, fields: _Fields) -> Iterator[Record]:
+    datasets = _import_data_extra("datasets", path, "a save_to_disk directory")
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(path, None, f"cannot load this save_to_disk directory ({error})") from None
+    if len(dataset) == 0:
+        raise DataError(path, None, "no records (no rows)")
+    wanted = fields.check_columns(path, list(dataset.column_names))
+    first_row = 0
+    for batch in dataset.select_columns(wanted).iter(batch_size=BATCH_ROWS):
+        yield from _rows(path, first_row, batch, fields)
+        first_row += len(batch[wanted[0]])
+
+
+def _numbered(batches, file: Path, pyarrow):
+    """(index of the batch's first row, batch); a file damaged midway is named, not a traceback."""
+    first_row = 0
+    try:
+        for batch in batches:
+            yield first_row, batch
+            first_row += batch.num_rows
+    except (OSError, pyarrow.ArrowException) as error:
+        raise DataError(file, None, f"cannot read row {first_row} onwards ({error})") from None
+
+
+def _rows(path: Path, first_row: int, batch: dict[str, list], fields: _Fields) -> Iterator[Record]:
+    columns = list(batch)
+    for offset, values in enumerate(zip(*batch.values())):
+        # A table has every column in every row: a null optional one (a conversation without
+        # tools) is an absent field, as in JSONL.
+        row = {c: v for c, v in zip(columns, values) if v is not None or c in fields.required}
+        yield fields.record(path, first_row + offset, "row", row)
+
+
+def _import_data_extra(module: str, path: Path, what: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(path, None, f"reading {what} needs the data extra (datasets, pyarrow): {DATA_EXTRA_HINT}") from None
+
+
+def data_digest(path: str | os.PathLike) -> str:
+    """A short hash of a dataset's bytes (a file, or every file under a directory, with its name),
+    read in chunks: what a resumed run checks its data against."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]

@@ -1,0 +1,155 @@
+"""Datasets on disk: Parquet files (one, or a directory of them) and datasets' save_to_disk
+directories give exactly the samples of the equivalent JSONL, under the user's column names; bad
+rows are named with their file and row index; the `data` extra is named when it is missing; a
+large JSONL is read a line at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from lorafusion.runtime.data import DataError, load_samples
+from lorafusion.runtime.data_sources import data_digest
+from lorafusion.runtime.tokenizer import ByteTokenizer
+
+datasets = pytest.importorskip("datasets")  # the `data` extra, part of `dev`
+pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+
+RECORDS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ((3, 4), (10, 25), (7, 7), (40, 2), (1, 99))]
+COLUMNS = {"prompt": "question", "completion": "answer"}
+
+
+def renamed(records: list[dict]) -> list[dict]:
+    return [{"question": r["prompt"], "answer": r["completion"], "id": i} for i, r in enumerate(records)]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write_parquet(path: Path, records: list[dict]) -> Path:
+    datasets.Dataset.from_list(records).to_parquet(str(path))
+    return path
+
+
+def save_to_disk(path: Path, records: list[dict]) -> Path:
+    datasets.Dataset.from_list(records).save_to_disk(str(path))
+    return path
+
+
+def load(path: Path, columns=COLUMNS, format="prompt_completion", max_seq_len=32):
+    return load_samples(path, format, ByteTokenizer(), max_seq_len, columns)
+
+
+def test_parquet_and_save_to_disk_give_the_jsonl_samples(tmp_path: Path) -> None:
+    expected = load_samples(write_jsonl(tmp_path / "d.jsonl", RECORDS), "prompt_completion", ByteTokenizer(), 32)
+    for path in (write_parquet(tmp_path / "d.parquet", renamed(RECORDS)), save_to_disk(tmp_path / "saved", renamed(RECORDS))):
+        samples = load(path)
+        assert [(s.input_ids, s.labels) for s in samples] == [(s.input_ids, s.labels) for s in expected]
+        assert [s.record for s in samples] == [0, 1, 2, 3, 4]  # row indices, as dataset[i]
+
+
+def test_a_directory_of_parquet_files_is_read_in_name_order(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_parquet(shards / "train-00001.parquet", renamed(RECORDS[3:]))
+    write_parquet(shards / "train-00000.parquet", renamed(RECORDS[:3]))
+    expected = load(write_parquet(tmp_path / "whole.parquet", renamed(RECORDS)))
+    assert [s.input_ids for s in load(shards)] == [s.input_ids for s in expected]
+
+
+def test_batches_of_rows_keep_their_row_indices(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("lorafusion.runtime.data_sources.BATCH_ROWS", 2)
+    records = renamed(RECORDS)
+    records[3]["question"] = None
+    for path in (write_parquet(tmp_path / "d.parquet", records), save_to_disk(tmp_path / "saved", records)):
+        with pytest.raises(DataError) as caught:
+            load(path)
+        assert str(caught.value) == f'{path}, row 3: field "question" must be a string, got null'
+        assert (caught.value.record, caught.value.unit) == (3, "row")
+
+
+def test_a_bad_row_of_a_shard_names_the_shard(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_parquet(shards / "a.parquet", renamed(RECORDS[:2]))
+    bad = renamed(RECORDS[2:])
+    bad[1]["answer"] = "x" * 40  # leaves no room for a target within max_seq_len
+    bad[1]["question"] = "q" * 40
+    write_parquet(shards / "b.parquet", bad)
+    with pytest.raises(DataError, match=r"b\.parquet, row 1: no target token within max_seq_len=32"):
+        load(shards)
+
+
+def test_missing_column_names_the_file_and_the_columns_it_has(tmp_path: Path) -> None:
+    path = write_parquet(tmp_path / "d.parquet", renamed(RECORDS))
+    with pytest.raises(DataError) as caught:
+        load(path, columns=None)
+    assert str(caught.value) == (
+        f'{path}: no column "prompt" (format prompt_completion needs "prompt", "completion"; it has question, answer, id); '
+        "map yours with the job's columns key"
+    )
+
+
+def test_jsonl_fields_are_mapped_too(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", renamed(RECORDS))
+    assert len(load(path)) == 5
+    write_jsonl(path, [{"question": "1+1="}])
+    with pytest.raises(DataError, match=r'd\.jsonl, line 1: missing field "answer" \(format prompt_completion needs "question", "answer"\)'):
+        load(path)
+
+
+def test_dataset_directories_that_are_not_one_dataset(tmp_path: Path) -> None:
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(RECORDS), "test": datasets.Dataset.from_list(RECORDS)})
+    splits.save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=r"dict: holds a DatasetDict \(splits: test, train\); give one split's directory, e\.g\. .*dict/test$"):
+        load(tmp_path / "dict", columns=None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: not a dataset directory: no state\.json"):
+        load(tmp_path / "empty")
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match=r"broken\.parquet: not a readable Parquet file"):
+        load(tmp_path / "broken.parquet")
+    datasets.Dataset.from_list([{"question": "a", "answer": "b"}]).select([]).to_parquet(str(tmp_path / "none.parquet"))
+    with pytest.raises(DataError, match=r"none\.parquet: no records \(no rows\)"):
+        load(tmp_path / "none.parquet")
+
+
+@pytest.mark.parametrize(("hidden", "what"), [("pyarrow", "Parquet"), ("datasets", "a save_to_disk directory")])
+def test_missing_data_extra_is_named(tmp_path: Path, monkeypatch, hidden: str, what: str) -> None:
+    path = write_parquet(tmp_path / "d.parquet", renamed(RECORDS)) if hidden == "pyarrow" else save_to_disk(tmp_path / "saved", renamed(RECORDS))
+    for name in list(sys.modules):
+        if name.split(".")[0] == hidden:
+            monkeypatch.setitem(sys.modules, name, None)  # `import` then raises ImportError
+    monkeypatch.setitem(sys.modules, hidden, None)
+    with pytest.raises(DataError) as caught:
+        load(path)
+    assert str(caught.value) == f"{path}: reading {what} needs the data extra (datasets, pyarrow): pip install 'lorafusion[data]'"
+
+
+def test_a_large_jsonl_is_read_a_line_at_a_time(tmp_path: Path) -> None:
+    # 1000 records of 10 kB (10 MB) cut to 8 tokens each: reading the file whole would take 10 MB.
+    path = write_jsonl(tmp_path / "big.jsonl", [{"text": chr(97 + i % 26) * 10_000} for i in range(1000)])
+    tracemalloc.start()
+    try:
+        samples = load_samples(path, "text", ByteTokenizer(), max_seq_len=8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(samples) == 1000 and samples[1].input_ids[1] == ord("b")
+    assert peak < 2_000_000, peak
+
+
+def test_data_digest(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    assert data_digest(path) == hashlib.sha256(path.read_bytes()).hexdigest()[:16]  # what earlier runs recorded
+    saved = save_to_disk(tmp_path / "saved", renamed(RECORDS))
+    before = data_digest(saved)
+    save_to_disk(tmp_path / "other", renamed(RECORDS[::-1]))
+    assert data_digest(tmp_path / "other") != before and data_digest(saved) == before

@@ -244,7 +244,7 @@ def _flash_attn_varlen():
 @functools.lru_cache(maxsize=8)
 def _torch_varlen(device_index: int):
     """(varlen_attn, whether it takes enable_gqa) where torch has varlen_attn with scale and
-    window_size (torch 2.11+; 2.10's had neither) and the device runs flash attention (sm80+); else None."""
+    window_size (torch 2.10+; 2.9's took is_causal instead) and the device runs flash attention (sm80+); else None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:

@@ -151,3 +151,112 @@ def test_lora_on_an_nf4_base_equals_lora_on_its_dequantized_weight(tokens, hidde
         results.append([y.detach()] + [t.grad for t in leaves])
     for name, quantized, plain in zip(("y", "dx", "dA", "dB"), *results):
         assert torch.equal(quantized, plain), name
+
+
+# ---- packed attention: varlen kernels vs per-sample SDPA ----------------------------------------
+
+
+def _varlen_kernels():
+    from lorafusion.runtime import attention
+
+    kernels = []
+    if torch.cuda.is_available() and attention._flash_attn_varlen() is not None:
+        kernels.append("flash_attn")
+    if torch.cuda.is_available() and attention._torch_varlen(0) is not None:
+        kernels.append("torch_varlen")
+    return kernels
+
+
+def test_torch_varlen_attention_is_available_on_this_gpu():
+    """torch 2.10+ on sm80+ has varlen_attn with scale and window_size: the packed attention then
+    makes one call per layer instead of one per sample."""
+    from lorafusion.runtime import attention
+
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("flash attention needs sm80+")
+    assert attention._torch_varlen(torch.cuda.current_device()) is not None, torch.__version__
+    query = torch.zeros(1, 8, 16, 64, device=CUDA, dtype=torch.bfloat16)
+    assert attention.select_kernel(query, query, attention.AttentionOptions()) != "per_sample"
+
+
+PACKED_LENGTHS = (700, 1, 129, 2048, 37, 1130)
+
+
+@pytest.mark.parametrize("kernel", _varlen_kernels())
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"scaling": 0.07}, {"sliding_window": 256}, {"softcap": 30.0, "sliding_window": 100}],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_varlen_attention_as_accurate_as_per_sample_sdpa(kernel, options, dtype):
+    """Forward and every gradient of one varlen call over the packed microbatch, against the float64
+    per-sample reference, within a few times the per-sample SDPA's own error in the same dtype."""
+    from lorafusion.runtime.attention import AttentionOptions, attend_packed
+
+    options = AttentionOptions(**options)
+    if kernel == "torch_varlen" and options.softcap is not None:
+        pytest.skip("torch's varlen_attn has no softcap (select_kernel does not pick it)")
+    generator = torch.Generator(device=CUDA).manual_seed(5)
+    tokens = sum(PACKED_LENGTHS)
+    leaves64 = [torch.randn(1, heads, tokens, 128, device=CUDA, generator=generator, dtype=torch.float64)
+                for heads in (16, 4, 4)]
+    grad_out = torch.randn(1, tokens, 16, 128, device=CUDA, generator=generator, dtype=torch.float64)
+
+    def run(kernel_name, leaf_dtype):
+        leaves = [t.detach().to(leaf_dtype).requires_grad_() for t in leaves64]
+        output = attend_packed(*leaves, PACKED_LENGTHS, options, kernel=kernel_name)
+        output.backward(grad_out.to(leaf_dtype))
+        return [output.detach()] + [t.grad for t in leaves]
+
+    exact = run("per_sample", torch.float64)
+    same_dtype = run("per_sample", dtype)
+    varlen = run(kernel, dtype)
+    for name, v, e, s in zip(("out", "dq", "dk", "dv"), varlen, exact, same_dtype):
+        assert_as_accurate_as_torch(f"{kernel} {name}", v, e, s)
+
+
+@pytest.mark.parametrize("kernel", _varlen_kernels())
+def test_packed_varlen_attention_reads_nothing_back_to_the_host(kernel):
+    from host_sync import HostSyncCounter
+    from lorafusion.runtime.attention import AttentionOptions, attend_packed
+
+    leaves = [torch.randn(1, h, sum(PACKED_LENGTHS), 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+              for h in (8, 2, 2)]
+    with HostSyncCounter(CUDA) as counter:
+        for _layer in range(2):
+            attend_packed(*leaves, PACKED_LENGTHS, AttentionOptions(sliding_window=512), kernel=kernel).sum().backward()
+    assert counter.events == []
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_packed_model_on_gpu_matches_its_per_sample_attention(model_type, monkeypatch):
+    """A bf16 model's packed logits with the kernel select_kernel picks on this GPU, against the
+    float32 model's per-sample attention: within a few times the bf16 per-sample SDPA's own error."""
+    import transformers
+
+    from lorafusion.runtime import attention
+
+    shapes = dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=128, vocab_size=1000)
+    if model_type == "llama":
+        config = transformers.LlamaConfig(**shapes)
+    else:
+        config = transformers.Gemma2Config(**shapes, sliding_window=256, attn_logit_softcapping=50.0)
+    config._attn_implementation = attention.PACKED_ATTENTION
+    torch.manual_seed(0)
+    model_class = transformers.LlamaForCausalLM if model_type == "llama" else transformers.Gemma2ForCausalLM
+    model = model_class(config).to(CUDA, torch.bfloat16).eval()
+    ids = torch.randint(0, 1000, (1, sum(PACKED_LENGTHS)), device=CUDA)
+    positions = torch.cat([torch.arange(n, device=CUDA) for n in PACKED_LENGTHS])[None]
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=ids, position_ids=positions, sample_lengths=PACKED_LENGTHS).logits
+
+    chosen = logits()
+    monkeypatch.setattr(attention, "select_kernel", lambda *args: "per_sample")
+    per_sample = logits()
+    model.float()
+    exact = logits().double()
+    assert_as_accurate_as_torch(f"{model_type} logits", chosen, exact, per_sample)

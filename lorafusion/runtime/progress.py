@@ -30,6 +30,7 @@ class Progress:
     def __init__(self, progress: bool | str, jobs: dict[str, tuple[int, int]]) -> None:
         self._bars: dict = {}
         self._lines = False
+        self._eval: dict[str, tuple[float, int]] = {}  # each job's latest eval loss and its step
         if progress not in (True, "auto") or not jobs:
             return
         if not _on_terminal():
@@ -42,12 +43,21 @@ class Progress:
             for i, (name, (done, total)) in enumerate(jobs.items())
         }
 
-    def step(self, name: str, step: int, total: int, loss: float, tokens_per_s: float) -> None:
+    def step(self, name: str, step: int, total: int, loss: float, tokens_per_s: float, eval_loss: float | None = None) -> None:
+        """A job's optimizer step; `eval_loss` when the job was evaluated at it (shown from then on,
+        with the step it was measured at)."""
+        if eval_loss is not None:
+            self._eval[name] = (eval_loss, step)
+        shown_eval = self._eval.get(name)
         if name in self._bars:
             self._bars[name].update(1)
-            self._bars[name].set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            postfix = {"loss": f"{loss:.4f}", "tok_s": f"{tokens_per_s:.0f}"}
+            if shown_eval is not None:
+                postfix["eval"] = f"{shown_eval[0]:.4f}@{shown_eval[1]}"
+            self._bars[name].set_postfix(postfix)
         elif self._lines and (step in (1, total) or step % max(1, total // LOG_LINES_PER_JOB) == 0):
-            print(f"{name}: step {step}/{total}, loss {loss:.4f}, {tokens_per_s:.0f} tokens/s", flush=True)
+            evaluated = "" if shown_eval is None else f", eval loss {shown_eval[0]:.4f} (step {shown_eval[1]})"
+            print(f"{name}: step {step}/{total}, loss {loss:.4f}{evaluated}, {tokens_per_s:.0f} tokens/s", flush=True)
 
     def close(self) -> None:
         for bar in self._bars.values():

@@ -55,21 +55,24 @@ def first_losses(output_dir: Path) -> dict[str, float]:
 
 def eval_accuracy(trainer, name: str) -> float:
     """Exact-match accuracy of the job's adapter, greedy and stopping at the end-of-sequence
-    token, on its eval_data: the same completions `lorafusion eval` gives with the saved adapter."""
-    from .evaluation import adapter_forward, exact_match, greedy_completions, read_prompt_file
+    token, on its eval_data (prompt_completion jobs; any dataset kind, under the job's columns): the
+    same completions `lorafusion eval` gives with the saved adapter."""
+    from .data_sources import read_records
+    from .evaluation import adapter_forward, exact_match, greedy_completions
 
-    records = read_prompt_file(trainer.jobs[name].spec.eval_data, need_completion=True)
+    spec = trainer.jobs[name].spec
+    records = [record.fields for record in read_records(spec.eval_data, "prompt_completion", spec.columns)]
     tokenizer = trainer.tokenizer
     # A completion longer than every expected one is wrong whatever follows, so decoding stops there.
-    longest = max(len(tokenizer.encode(r.completion)) for r in records) + 1
+    longest = max(len(tokenizer.encode(r["completion"])) for r in records) + 1
     was_training = trainer.model.training
     trainer.model.eval()
     try:
         forward = adapter_forward(trainer.model, name)
-        completions = greedy_completions(forward, tokenizer, [r.prompt for r in records], longest, trainer.device)
+        completions = greedy_completions(forward, tokenizer, [r["prompt"] for r in records], longest, trainer.device)
     finally:
         trainer.model.train(was_training)
-    return exact_match(completions, [r.completion for r in records])
+    return exact_match(completions, [r["completion"] for r in records])
 
 
 def add_job_report(trainer, result) -> None:
@@ -83,7 +86,8 @@ def add_job_report(trainer, result) -> None:
         summary.truncated = truncated_samples(job.samples, job.spec.max_seq_len, eos)
         ran = job.tokens_seen - trainer._tokens_at_start.get(name, 0)
         summary.tokens_per_s = ran / max(result.elapsed_s, 1e-9)
-        if job.spec.eval_data is not None and job.status == "finished" and trainer.num_stages == 1:
+        scored = job.spec.eval_data is not None and job.spec.format == "prompt_completion"
+        if scored and job.status == "finished" and trainer.num_stages == 1:
             summary.eval_accuracy = eval_accuracy(trainer, name)
 
 

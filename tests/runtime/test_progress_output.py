@@ -53,3 +53,21 @@ def test_log_lines_thin_out_on_long_jobs(monkeypatch):
     for step in range(1, 1001):
         shown.step("a", step, 1000, 1.0, 10.0)
     assert len(out.getvalue().splitlines()) == 11  # step 1, every 100th (1000 among them)
+
+
+def test_a_jobs_eval_loss_shows_in_its_line_from_its_eval_on(monkeypatch):
+    monkeypatch.setattr(progress_module, "_on_terminal", lambda: False)
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    shown = Progress(True, {"a": (0, 10)})
+    for step in range(1, 11):
+        shown.step("a", step, 10, 1.0, 10.0, eval_loss=0.5 if step == 4 else None)
+    lines = out.getvalue().splitlines()
+    assert lines[2] == "a: step 3/10, loss 1.0000, 10 tokens/s"
+    assert lines[3] == "a: step 4/10, loss 1.0000, eval loss 0.5000 (step 4), 10 tokens/s"
+    assert lines[-1] == "a: step 10/10, loss 1.0000, eval loss 0.5000 (step 4), 10 tokens/s"
+    monkeypatch.setattr(progress_module, "_on_terminal", lambda: True)
+    bars = Progress(True, {"a": (0, 3)})
+    bars.step("a", 1, 3, 1.0, 10.0, eval_loss=0.25)
+    assert "eval=0.2500@1" in str(bars._bars["a"])
+    bars.close()

@@ -10,7 +10,10 @@ The trace: ``--jobs`` jobs per seed, each with 16 samples per global batch and l
 lengths around one of the scheduler benchmark's means (600/900/1700/1200 tokens, its
 ``lognormal_lengths``), its number of global batches log-uniform in [4, 128] (a few long jobs,
 many short ones); Poisson arrivals whose rate is ``--load`` times what one-job-at-a-time Megatron-LM
-can serve at that stage count (the mean of its per-job times), so FIFO runs at that utilisation.
+can serve at that stage count (the mean of its per-job times), so FIFO runs at that utilisation;
+0.9 for the main table, and 2.0 (``--overload``) for a throughput table: below load 1 every policy
+keeps up with the arrivals and throughput over the trace is set by them, above it each policy's
+own rate shows.
 
 The policies (lorafusion/scheduler/online.py, whose docstring states the model): (a) ``fifo``, one
 job at a time in arrival order, each trained alone as Megatron-LM trains it; ``fifo-planned``, the
@@ -200,10 +203,19 @@ SHOWN = [
     ("tokens_per_s", "tokens/s", "{:,.0f}"),
     ("jobs_per_hour", "jobs/hour", "{:,.1f}"),
 ]
+OVERLOAD_SHOWN = [
+    *SHOWN[:3],
+    ("makespan_s", "makespan (s)", "{:,.0f}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("tokens_per_s_vs_fifo", "tokens/s / FIFO", "{:.2f}"),
+    ("jobs_per_hour", "jobs/hour", "{:,.1f}"),
+]
 NUMERIC = [key for key, _, _ in SHOWN if key not in ("sizes", "stages", "policy")] + ["tokens_per_s_vs_fifo"]
 
 
-def write_results(summary: list[dict], jobs_rows: list[dict], sweep: list[dict], setup: list[str]) -> None:
+def write_results(
+    summary: list[dict], jobs_rows: list[dict], sweep: list[dict], setup: list[str], load: float, overload: float
+) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     date, device, versions = machine_header(COST_LABEL)
     device = device.split(";")[0].replace("CPU only", "simulated on a CPU")
@@ -230,21 +242,23 @@ def write_results(summary: list[dict], jobs_rows: list[dict], sweep: list[dict],
         "else to do and hardly a bubble of its own, so at S = 4 it lies far below what a schedule reaches.",
         "",
     ]
-    lines += ["## Every policy (mean over seeds)", ""]
-    lines += markdown_table(averaged(summary, NUMERIC), SHOWN) + [""]
+    lines += [f"## Every policy at load {load} (mean over seeds)", ""]
+    lines += markdown_table(averaged([r for r in summary if r["load"] == load], NUMERIC), SHOWN) + [""]
+    lines += [f"## Throughput at load {overload} (arrivals outpace every policy; mean over seeds)", ""]
+    lines += markdown_table(averaged([r for r in summary if r["load"] == overload], NUMERIC), OVERLOAD_SHOWN) + [""]
     lines += ["## Window size W of the service (mean over seeds)", ""]
     lines += markdown_table(averaged(sweep, NUMERIC), SHOWN) + [""]
     (RESULTS / "online_table.md").write_text("\n".join(lines))
-    plot(summary, jobs_rows, sweep)
+    plot(jobs_rows, sweep)
 
 
-def plot(summary: list[dict], jobs_rows: list[dict], sweep: list[dict]) -> None:
+def plot(jobs_rows: list[dict], sweep: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(dict.fromkeys((r["sizes"], r["stages"]) for r in summary))
+    cases = list(dict.fromkeys((r["sizes"], r["stages"]) for r in jobs_rows))
     fig, axes = plt.subplots(2, len(cases), figsize=(5.5 * len(cases), 8.5), squeeze=False)
     for column, (sizes, stages) in enumerate(cases):
         ax = axes[0][column]
@@ -276,65 +290,77 @@ def plot(summary: list[dict], jobs_rows: list[dict], sweep: list[dict]) -> None:
     plt.close(fig)
 
 
+def simulate_traces(
+    args: argparse.Namespace, load: float, windows: Sequence[int]
+) -> tuple[list[dict], list[dict], dict]:
+    """Every (job sizes, stages, seed) at ``load``: (a row per policy, a row per job and policy,
+    the arrival rate of each trace)."""
+    cost = CostModel.preset("llama-3.1-8b")
+    rows, jobs_rows, rates = [], [], {}
+    for sizes, stages, seed in itertools.product(SIZES, args.stages, args.seeds):
+        options = PlanOptions(stages, args.capacity, use_milp=False, cost=cost)
+        started = time.perf_counter()
+        jobs = make_jobs(args.jobs, sizes, np.random.default_rng(seed))
+        rate, results = run_policies(jobs, 1000 + seed, stages, load, windows, options)
+        rates[(sizes, stages, seed)] = rate
+        setup = {"sizes": sizes, "load": load, "stages": stages, "seed": seed, "arrivals_per_hour": 3600 * rate}
+        for result in results:
+            rows.append(summary_row(result, results[0], **setup))
+            for name, at in result.arrival_s.items():
+                jobs_rows.append({**setup, "policy": result.policy, "job": name, "arrival_s": at,
+                                  "jct_s": result.finish_s[name] - at})  # fmt: skip
+            print(
+                f"{sizes[:11]} load {load} S={stages} seed={seed} {result.policy:22s} mean JCT "
+                f"{result.mean_jct_s:9,.0f} s, p95 {result.p95_jct_s:9,.0f} s, {result.tokens_per_s:8,.0f} tokens/s"
+            )
+        print(f"  ({time.perf_counter() - started:.0f} s to simulate)")
+    return rows, jobs_rows, rates
+
+
+def rates_text(rates: Mapping[tuple, float]) -> str:
+    cases = dict.fromkeys((sizes, stages) for sizes, stages, _ in rates)
+    return "; ".join(
+        f"{sizes}, S={stages}: " + ", ".join(f"{3600 * r:.1f}" for k, r in rates.items() if k[:2] == (sizes, stages))
+        for sizes, stages in cases
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=40, help="jobs per trace")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--load", type=float, default=0.9, help="arrival rate over FIFO (Megatron-LM) service rate")
+    parser.add_argument("--overload", type=float, default=2.0, help="a second load, above 1, for throughput")
     parser.add_argument("--window", type=int, default=4, help="the service's window (global batches), main table")
     parser.add_argument("--sweep", type=int, nargs="+", default=[1, 4, 16], help="windows of the window sweep")
     parser.add_argument("--capacity", type=int, default=4096, help="tokens per microbatch (the runtime's default)")
     args = parser.parse_args()
-    cost = CostModel.preset("llama-3.1-8b")
-    windows = sorted(set(args.sweep) | {args.window})
-    summary, jobs_rows, sweep, rates = [], [], [], {}
-    for sizes, stages, seed in itertools.product(SIZES, args.stages, args.seeds):
-        options = PlanOptions(stages, args.capacity, use_milp=False, cost=cost)
-        started = time.perf_counter()
-        jobs = make_jobs(args.jobs, sizes, np.random.default_rng(seed))
-        rate, results = run_policies(jobs, 1000 + seed, stages, args.load, windows, options)
-        rates[(sizes, stages, seed)] = rate
-        setup = {"sizes": sizes, "stages": stages, "seed": seed, "arrivals_per_hour": 3600 * rate}
-        baseline = results[0]
-        for result in results:
-            row = summary_row(result, baseline, **setup)
-            is_service = result.policy.startswith("service")
-            if is_service:
-                sweep.append(row)
-            if not is_service or result.policy == f"service (window {args.window})":
-                summary.append(row)
-                for name, at in result.arrival_s.items():
-                    jobs_rows.append({**setup, "policy": result.policy, "job": name, "arrival_s": at,
-                                      "jct_s": result.finish_s[name] - at})  # fmt: skip
-            print(
-                f"{sizes[:11]} S={stages} seed={seed} {result.policy:22s} mean JCT {result.mean_jct_s:9,.0f} s, "
-                f"p95 {result.p95_jct_s:9,.0f} s, {result.tokens_per_s:8,.0f} tokens/s, "
-                f"{result.jobs_per_hour:6.1f} jobs/h"
-            )
-        print(f"  ({time.perf_counter() - started:.0f} s to simulate)")
-    rate_text = "; ".join(
-        f"{sizes}, S={s}: " + ", ".join(f"{3600 * r:.1f}" for (z, t, _), r in rates.items() if (z, t) == (sizes, s))
-        for sizes, s in dict.fromkeys((z, t) for z, t, _ in rates)
-    )
+    main_service = f"service (window {args.window})"
+    rows, jobs_rows, rates = simulate_traces(args, args.load, sorted(set(args.sweep) | {args.window}))
+    summary = [r for r in rows if not r["policy"].startswith("service") or r["policy"] == main_service]
+    sweep = [r for r in rows if r["policy"].startswith("service")]
+    jobs_rows = [r for r in jobs_rows if not r["policy"].startswith("service") or r["policy"] == main_service]
+    overload, _, overload_rates = simulate_traces(args, args.overload, [args.window])
     setup_lines = [
         f"model: Llama-3.1-8B, LoRA, bf16, activation checkpointing; stages S in {args.stages} (S = 1: one GPU)",
         f"trace: {args.jobs} jobs per seed, seeds {args.seeds}; {GLOBAL_BATCH_SIZE} samples per global batch; "
         f"lengths log-normal (sigma 0.8) around 600/900/1700/1200 tokens (one mean per job), capped at {MAX_TOKENS}; "
         f"global batches per job: {' or '.join(SIZES)} (table column 'job sizes')",
-        f"arrivals: Poisson at load {args.load} of FIFO (Megatron-LM)'s service rate on that trace at that S; "
-        f"jobs/hour per seed: {rate_text}",
-        f"service: window W = {args.window} global batches in the main table (sweep: {windows}); capacity "
-        f"{args.capacity} tokens per microbatch; heuristic packing (use_milp=False, for speed; the MILP the runtime "
-        "uses by default can only lower a global batch's microbatch count); pipeline drained between windows; planning "
-        "time not charged (the service plans in the background)",
+        f"arrivals: Poisson at load {args.load} of FIFO (Megatron-LM)'s service rate on that trace at that S (its "
+        f"mean time per job alone); jobs/hour per seed: {rates_text(rates)}; overload table: load {args.overload}, "
+        f"jobs/hour: {rates_text(overload_rates)}",
+        f"service: window W = {args.window} global batches in the main table (sweep: {sorted(set(args.sweep))}); "
+        f"capacity {args.capacity} tokens per microbatch; heuristic packing (use_milp=False, for speed; the MILP the "
+        "runtime uses by default can only lower a global batch's microbatch count); pipeline drained between "
+        "windows; planning time not charged (the service plans in the background)",
         "fifo (Megatron-LM): micro-batches of 4 consecutive samples, packed, a flush after every global batch; "
         "fifo (planned alone): each job planned alone by plan_schedule",
         "offline bound: per job, its global batches back to back, each no faster than its stage-0 work or its longest "
         "sample's round trip through the pipeline; makespan no shorter than the work arriving at or after each "
         "arrival (lorafusion/scheduler/online.py); a lower bound for any policy, not a schedule",
     ]
-    write_results(summary, jobs_rows, sweep, setup_lines)
+    write_results(summary + overload, jobs_rows, sweep, setup_lines, args.load, args.overload)
     print(f"wrote {RESULTS}/online_{{summary,jobs,windows}}.csv, online_table.md, online.png")
 
 

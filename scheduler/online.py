@@ -1,8 +1,8 @@
 """Jobs that arrive over time: the service's planning windows, and the references it is judged by.
 
 A trace is a list of :class:`Arrival` (a job and the second it is submitted, from time 0). Each
-policy trains every sample of every job once and is timed by the pipeline simulator
-(:mod:`~lorafusion.scheduler.simulator`) with one cost model:
+policy trains every sample of every job once (its result lists them) and is timed by the pipeline
+simulator (:mod:`~lorafusion.scheduler.simulator`) with one cost model; the bound trains nothing:
 
 * :func:`fifo` - one job at a time in arrival order, each trained alone. How a job runs alone is
   given as its :class:`AloneRun`: :func:`megatron_alone` (as Megatron-LM trains it,

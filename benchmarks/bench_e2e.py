@@ -14,12 +14,21 @@ with random weights (about 1B parameters, bf16) gives the numbers that count.
 
     python benchmarks/bench_e2e.py [--device cpu|cuda] [--jobs 4] [--steps N] [--pipeline-stages S] [--out-dir DIR]
 
-Writes e2e_<device>.csv, .machine.json and .png under benchmarks/results/.
+The packed path's attention time per decoder layer (forward + backward over the run's own
+microbatches, random q/k/v of the model's shapes) is measured after the lorafusion run for the
+kernel the runtime selects there and for each other kernel usable on the device (per-sample SDPA
+on a CPU; torch's varlen_attn and flash-attn's on a GPU where present), against per-sample SDPA in
+the same run: columns attention_kernel and attention_ms_per_layer of the lorafusion row, and one
+row per kernel in e2e_attention_<device>.csv.
+
+Writes e2e_<device>.csv, e2e_attention_<device>.csv, .machine.json and .png under benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import copy
+import csv
+import functools
 import json
 import math
 import os
@@ -36,6 +45,7 @@ import torch
 import yaml
 
 from harness import RESULTS_DIR, bench_arguments, machine_info, new_figure, print_table, save_figure, write_results
+from lorafusion.runtime import attention
 from lorafusion.runtime.config import parse_config
 from lorafusion.runtime.data import load_jsonl_dataset
 from lorafusion.runtime.model import build_base_model
@@ -89,7 +99,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_lorafusion(config_data: dict, directory: Path, device: torch.device) -> dict:
+def run_lorafusion(config_data: dict, directory: Path, device: torch.device, flex_attention: bool = False) -> dict:
+    """The multi-job run's throughput, then its packed attention per layer (packed_attention_times;
+    `flex_attention` adds the compiled FlexAttention alternative, whose first call compiles)."""
     trainer = MultiJobTrainer(parse_config(config_data, directory), device=device, progress=False)
     started = time.perf_counter()
     schedule = trainer.plan(resume=False)
@@ -99,8 +111,132 @@ def run_lorafusion(config_data: dict, directory: Path, device: torch.device) -> 
     finished = time.perf_counter()
     tokens = sum(job.tokens for job in result.jobs.values())
     assert all(job.status == "finished" for job in result.jobs.values()), result.jobs
+    kernels = packed_attention_times(trainer.model, schedule, device, flex_attention)
+    chosen = next(row for row in kernels if row["selected"])
     return {"impl": "lorafusion", "tokens": tokens, "seconds": finished - planned, "plan_seconds": planned - started,
-            "final_loss": sum(job.final_loss for job in result.jobs.values()) / len(result.jobs)}
+            "final_loss": sum(job.final_loss for job in result.jobs.values()) / len(result.jobs),
+            "attention_kernel": chosen["kernel"], "attention_ms_per_layer": chosen["ms_per_layer"],
+            "attention_kernels": kernels}
+
+
+ATTENTION_MICROBATCHES = 8  # timed per kernel: the run's first ones
+ATTENTION_REPEATS = 3
+
+
+def packed_attention_times(model: torch.nn.Module, schedule: Schedule, device: torch.device, flex: bool = False) -> list[dict]:
+    """Attention time per decoder layer of the packed path, forward + backward, mean over the run's
+    first ATTENTION_MICROBATCHES microbatches (median of ATTENTION_REPEATS calls each, after one
+    warm-up call), on random q/k/v of the model's shapes and dtype, for every kernel usable here;
+    `selected` marks the one the runtime picks. Against per-sample SDPA measured in the same call:
+    speedup_vs_per_sample and the largest output difference. FlexAttention has no backward on a
+    CPU: there its ms_per_layer is NaN (forward_ms_per_layer measured)."""
+    model_config, dtype = model.config, next(model.parameters()).dtype
+    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    options = attention.AttentionOptions(scaling=head_dim**-0.5, sliding_window=getattr(model_config, "sliding_window", None))
+    microbatches = [tuple(s.tokens for s in mb.samples) for mb in schedule.microbatches if mb.samples][:ATTENTION_MICROBATCHES]
+    probe = torch.empty(1, heads, 1, head_dim, device=device, dtype=dtype)
+    selected = attention.select_kernel(probe, probe[:, :kv_heads], options)
+    kernels = ["per_sample"] + [k for k in ("flash_attn", "torch_varlen") if _kernel_usable(k, probe, options)]
+    kernels += ["flex"] if flex else []
+    totals = {kernel: {"forward": 0.0, "total": 0.0, "first_call": 0.0, "diff": 0.0} for kernel in kernels}
+    for lengths in microbatches:
+        generator = torch.Generator(device=device).manual_seed(len(lengths))
+        leaves = [torch.randn(1, h, sum(lengths), head_dim, device=device, dtype=dtype, generator=generator)
+                  for h in (heads, kv_heads, kv_heads)]
+        grad_out = torch.randn(1, sum(lengths), heads, head_dim, device=device, dtype=dtype, generator=generator)
+        reference = None
+        for kernel in kernels:
+            attend = (_flex_attend(lengths, options, device) if kernel == "flex" else
+                      functools.partial(attention.attend_packed, sample_lengths=lengths, options=options, kernel=kernel))
+            backward = kernel != "flex" or device.type == "cuda"
+            output, forward, total, first_call = _time_attention(attend, leaves, grad_out, backward, device)
+            reference = output if reference is None else reference
+            measured = totals[kernel]
+            measured["forward"] += forward
+            measured["total"] += total
+            measured["first_call"] += first_call
+            measured["diff"] = max(measured["diff"], (output.float() - reference.float()).abs().max().item())
+    rows = []
+    for kernel, measured in totals.items():
+        rows.append({"kernel": kernel, "selected": kernel == selected, "microbatches": len(microbatches),
+                     "tokens_per_microbatch": sum(map(sum, microbatches)) / len(microbatches),
+                     "samples_per_microbatch": sum(map(len, microbatches)) / len(microbatches),
+                     "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch."),
+                     "forward_ms_per_layer": 1e3 * measured["forward"] / len(microbatches),
+                     "ms_per_layer": 1e3 * measured["total"] / len(microbatches),
+                     "first_call_s": measured["first_call"],
+                     "max_abs_diff_vs_per_sample": measured["diff"]})
+    for row in rows:
+        row["speedup_vs_per_sample"] = rows[0]["ms_per_layer"] / row["ms_per_layer"]
+    return rows
+
+
+def _kernel_usable(kernel: str, probe: torch.Tensor, options) -> bool:
+    if probe.device.type != "cuda":
+        return False
+    available = dict(has_flash_attn=kernel == "flash_attn" and attention._flash_attn_varlen() is not None,
+                     has_torch_varlen=kernel == "torch_varlen" and attention._torch_varlen(probe.device.index or 0) is not None)
+    return attention.choose_kernel(True, 1, probe.dtype, probe.shape[-1], options, **available) == kernel
+
+
+def _time_attention(attend, leaves, grad_out, backward: bool, device) -> tuple[torch.Tensor, float, float, float]:
+    """(output, forward seconds, forward + backward seconds (NaN without backward), first call's
+    seconds): medians of ATTENTION_REPEATS calls after the first."""
+    leaves = [leaf.detach().requires_grad_(backward) for leaf in leaves]
+    forwards, totals, first_call = [], [], 0.0
+    for repeat in range(ATTENTION_REPEATS + 1):
+        _sync(device)
+        started = time.perf_counter()
+        output = attend(*leaves)
+        _sync(device)
+        forwarded = time.perf_counter()
+        if backward:
+            output.backward(grad_out)
+            _sync(device)
+        ended = time.perf_counter()
+        if repeat == 0:
+            first_call = ended - started
+        else:
+            forwards.append(forwarded - started)
+            totals.append(ended - started if backward else math.nan)
+        for leaf in leaves:
+            leaf.grad = None
+    return output.detach(), float(np.median(forwards)), float(np.median(totals)), first_call
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex_attend(lengths: tuple[int, ...], options, device: torch.device):
+    """FlexAttention over the packed sequence with a document mask (causal, within the sample and
+    its window) and the softcap as a score_mod: [1, tokens, heads, head_dim], as attend_packed.
+    The block mask is built here, once per microbatch (every layer would reuse it)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    document = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    window, softcap = options.sliding_window, options.softcap
+
+    def mask_mod(batch, head, query, key):
+        keep = (document[query] == document[key]) & (key <= query)
+        return keep & (query - key < window) if window else keep
+
+    def softcap_mod(score, batch, head, query, key):
+        return softcap * torch.tanh(score / softcap)
+
+    block_mask = create_block_mask(mask_mod, None, None, len(document), len(document), device=device)
+    flex = _compiled_flex_attention()
+
+    def attend(query, key, value):
+        output = flex(query, key, value, score_mod=softcap_mod if softcap else None, block_mask=block_mask,
+                      scale=options.scaling, enable_gqa=query.shape[1] != key.shape[1])
+        return output.transpose(1, 2)
+
+    return attend
 
 
 def _padded_microbatches(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -213,21 +349,28 @@ def run(
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
         config = build_config(directory, device, num_jobs, steps)
-        rows = [run_lorafusion(config, directory, device), run_peft(config, directory, device)]
+        rows = [run_lorafusion(config, directory, device, flex_attention=True), run_peft(config, directory, device)]
         for policy in ("lorafusion", "megatron", "mlora") if pipeline_stages > 1 else ():
             rows.append(run_pipeline(config, directory, "megatron", policy, pipeline_stages))
+    attention_rows = rows[0].pop("attention_kernels")
     for row in rows:
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
         row.setdefault("stages", 1)
         row.setdefault("measured_bubble", float("nan"))
         row.setdefault("simulated_bubble", float("nan"))
+        row.setdefault("attention_kernel", "")
+        row.setdefault("attention_ms_per_layer", float("nan"))
     for row in rows:
         row["speedup_vs_peft"] = row["tokens_per_s"] / rows[1]["tokens_per_s"]
     info = machine_info(device) | {"jobs": num_jobs, "steps_per_job": steps}
     name = "e2e_" + ("cpu" if device.type == "cpu" else info["gpu"].replace(" ", "_").lower())
     write_results(name, rows, info, out_dir)
+    write_results(name.replace("e2e_", "e2e_attention_"), attention_rows, info, out_dir)
     plot(rows, out_dir / f"{name}.png", f"{num_jobs} LoRA jobs, {info.get('gpu', 'CPU')}")
-    print_table(rows, ["impl", "stages", "tokens", "seconds", "tokens_per_s", "speedup_vs_peft", "measured_bubble", "simulated_bubble"])
+    print_table(rows, ["impl", "stages", "tokens", "seconds", "tokens_per_s", "speedup_vs_peft", "measured_bubble", "simulated_bubble",
+                       "attention_ms_per_layer"])
+    print_table(attention_rows, ["kernel", "selected", "tokens_per_microbatch", "samples_per_microbatch", "forward_ms_per_layer",
+                                 "ms_per_layer", "speedup_vs_per_sample", "first_call_s", "max_abs_diff_vs_per_sample"])
     return rows
 
 
@@ -256,6 +399,15 @@ def test_e2e_smoke(tmp_path):
     assert lorafusion["tokens"] == peft_rows["tokens"] > 0
     assert all(math.isfinite(r["final_loss"]) for r in rows)
     assert (tmp_path / "e2e_cpu.csv").read_text().startswith("impl,tokens,seconds")
+    # The packed path's attention per layer, on the CPU per sample, measured (not a placeholder).
+    assert lorafusion["attention_kernel"] == "per_sample" and lorafusion["attention_ms_per_layer"] > 0
+    assert math.isnan(peft_rows["attention_ms_per_layer"])
+    with (tmp_path / "e2e_attention_cpu.csv").open() as handle:
+        kernels = {row["kernel"]: row for row in csv.DictReader(handle)}
+    assert sorted(kernels) == ["flex", "per_sample"] and kernels["per_sample"]["selected"] == "True"
+    # FlexAttention computes the same attention (document mask), forward only on a CPU.
+    assert float(kernels["flex"]["max_abs_diff_vs_per_sample"]) < 1e-4 and float(kernels["flex"]["forward_ms_per_layer"]) > 0
+    assert math.isnan(float(kernels["flex"]["ms_per_layer"]))
 
 
 @pytest.mark.multiprocess

@@ -176,7 +176,7 @@ def _kernel_usable(kernel: str, probe: torch.Tensor, options) -> bool:
     if probe.device.type != "cuda":
         return False
     available = dict(has_flash_attn=kernel == "flash_attn" and attention._flash_attn_varlen() is not None,
-                     has_torch_varlen=kernel == "torch_varlen" and attention._torch_varlen(probe.device.index or 0) is not None)
+                     has_torch_varlen=kernel == "torch_varlen" and attention._torch_varlen(attention._device_index(probe.device)) is not None)
     return attention.choose_kernel(True, 1, probe.dtype, probe.shape[-1], options, **available) == kernel
 
 

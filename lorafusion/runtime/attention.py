@@ -106,7 +106,7 @@ def select_kernel(query: torch.Tensor, key: torch.Tensor, options: AttentionOpti
     return choose_kernel(
         on_cuda, query.shape[0], query.dtype, query.shape[-1], options,
         has_flash_attn=on_cuda and _flash_attn_varlen() is not None,
-        has_torch_varlen=on_cuda and _torch_varlen(query.device.index or 0) is not None,
+        has_torch_varlen=on_cuda and _torch_varlen(_device_index(query.device)) is not None,
     )
 
 
@@ -201,7 +201,9 @@ def _attend_varlen(
     offsets = cu_seqlens(sample_lengths, query.device)
     longest = max(sample_lengths)
     # Flash attention's window counts the keys left of the query; transformers' counts the query too.
-    left = options.sliding_window - 1 if options.sliding_window is not None else -1
+    # A window no sample fills is no window (flash's local-attention path would only cost time).
+    window = options.sliding_window
+    left = window - 1 if window is not None and window < longest else -1
     if kernel == "flash_attn":
         flash_varlen = _flash_attn_varlen()
         if flash_varlen is None:
@@ -211,7 +213,7 @@ def _attend_varlen(
             softmax_scale=options.scaling, causal=True, window_size=(left, 0), softcap=options.softcap or 0.0,
         )
     else:
-        torch_varlen = _torch_varlen(query.device.index or 0)
+        torch_varlen = _torch_varlen(_device_index(query.device))
         if torch_varlen is None:
             raise ValueError("kernel 'torch_varlen' needs torch.nn.attention.varlen (with scale and window_size) on a CUDA sm80+ device")
         if options.softcap is not None or options.dropout:
@@ -227,6 +229,12 @@ def _attend_varlen(
             scale=options.scaling, window_size=(left, 0), **extra,
         )
     return output.unsqueeze(0)
+
+
+def _device_index(device: torch.device) -> int:
+    if device.index is not None or device.type != "cuda":
+        return device.index or 0
+    return torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=1)

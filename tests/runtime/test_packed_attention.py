@@ -126,6 +126,7 @@ OPTION_CASES = [
     AttentionOptions(sliding_window=3),
     AttentionOptions(softcap=0.7, scaling=0.5),
     AttentionOptions(softcap=0.7, sliding_window=5),
+    AttentionOptions(sliding_window=50),  # longer than every sample: no window
 ]
 
 
@@ -218,6 +219,7 @@ def _flash_varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, causal,
     """flash-attn's varlen convention written out: [tokens, heads, head_dim] tensors, window_size =
     (keys left of the query, keys right of it), -1 unbounded; softcap 0 = none."""
     assert causal and window_size[1] == 0 and cu_q is cu_k and max_q == max_k
+    assert window_size[0] == -1 or window_size[0] + 1 < max_q  # a window no sample fills is passed as none
     bounds = cu_q.tolist()
     assert max(b - a for a, b in zip(bounds, bounds[1:])) == max_q
     outputs = []

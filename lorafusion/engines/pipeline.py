@@ -41,9 +41,10 @@ import torch
 import torch.distributed as dist
 
 from lorafusion.modules import multi_lora_batch
+from lorafusion.runtime.job_state import JobRun
 from lorafusion.runtime.output_dir import PIPELINE_STATS_DIR, write_atomically
 from lorafusion.runtime.packing import per_token_loss
-from lorafusion.runtime.trainer import JobRun, MultiJobTrainer, TrainResult
+from lorafusion.runtime.trainer import MultiJobTrainer, TrainResult
 from lorafusion.scheduler import Schedule
 
 from .stages import split_model

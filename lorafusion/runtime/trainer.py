@@ -1,10 +1,7 @@
-"""Multi-job LoRA training in one process: several adapters on one frozen base model, their samples
-packed together into the scheduler's microbatches.
-
-Each job has its own data order, optimizer and LR schedule. A microbatch's loss is, per job, the sum
-of its tokens' cross-entropy divided by the number of target tokens in that job's whole global batch,
-so when the global batch's last microbatch is done the job's gradient is that of its mean token loss
-over the global batch, exactly as if it had trained alone; then (and only then) the job steps.
+"""Offline multi-job LoRA training (`lorafusion train`): every job of a config known at the start,
+planned into one schedule and trained by the training loop (training_loop.py; each job's state in
+job_state.py, its checkpoints in checkpoints.py) in one process, or one per pipeline stage
+(lorafusion.engines subclass MultiJobTrainer).
 
 Files under output_dir:
     schedule.json                the planned microbatches (reused on --resume, so the plan is identical)
@@ -22,29 +19,26 @@ Files under output_dir:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lorafusion.adapters import adapter_key, write_adapter_directory
-from lorafusion.apply import apply_multi_lora, get_multi_lora_configs, multi_lora_modules
+from lorafusion.apply import apply_multi_lora, get_multi_lora_configs
 from lorafusion.config import LoRAConfig
-from lorafusion.modules import multi_lora_batch
-from lorafusion.scheduler import Job, Schedule, megatron_order, mlora_order, plan_schedule
+from lorafusion.scheduler import Job, Schedule
 
-from .config import MAX_SAMPLES_PER_JOB, JobSpec, TrainConfig
-from .data import DataError, Sample, load_jsonl_dataset
+from .checkpoints import CheckpointStore
+from .config import TrainConfig
+from .data import DataError
+from .job_state import JobRun, load_job_samples, lr_lambda, training_order
 from .model import build_base_model
 from .output_dir import (
     BASE_MODEL_DIR,
-    CHECKPOINTS_DIR,
     METRICS_FILE,
     SCHEDULE_FILE,
     STATUS_FILE,
@@ -59,42 +53,18 @@ from .output_dir import (
     staging_directory,
     write_atomically,
 )
-from .packing import PackedMicrobatch, pack_samples, padding_sample, per_token_loss
+from .planning import plan_microbatches
 from .progress import Progress, shows_summary
 from .run_directory import RUN_ENTRIES, RunDirectory, run_id_of
 from .run_report import add_job_report, check_eval_data, job_rows, warn_truncated
 from .run_state import read_metrics, read_status, status_record, warn
 from .tokenizer import load_tokenizer
+from .training_loop import TrainingLoop
 
-
-@dataclass
-class JobRun:
-    """One job's data order, optimizer and progress."""
-
-    spec: JobSpec
-    samples: list[Sample] = field(default_factory=list)
-    order: list[int] = field(default_factory=list)  # dataset indices in training order
-    num_steps: int = 0
-    target_tokens: list[int] = field(default_factory=list)  # per global batch
-    remaining: list[int] = field(default_factory=list)  # per global batch: samples not trained yet
-    optimizer: torch.optim.Optimizer | None = None
-    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
-    step: int = 0
-    status: str = "running"  # "running" | "finished" | "failed"
-    failure: str | None = None
-    batch_loss: float = 0.0
-    # This global batch's loss so far, summed on the device: read back once, at the job's step.
-    pending_loss: torch.Tensor | None = None
-    batch_tokens: int = 0
-    tokens_seen: int = 0
-    last_loss: float = math.nan
-    published: bool = False  # its adapter and finished status are in output_dir (this run's)
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    named_parameters: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # by PEFT key, this stage's
+__all__ = [
+    "JobRun", "JobSummary", "MultiJobTrainer", "TrainResult", "check_attention_window", "lr_lambda", "print_summary",
+    "save_inline_base_model", "training_order",
+]
 
 
 @dataclass
@@ -124,13 +94,6 @@ class TrainResult:
     resumed: bool = False
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every value is finite, read back from the device once rather than once per tensor."""
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
-
-
 def _tensorboard_writer(log_dir: Path):
     """A TensorBoard SummaryWriter when the tensorboard package is installed (optional), else None."""
     try:
@@ -140,7 +103,7 @@ def _tensorboard_writer(log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def _check_attention_window(model_config, jobs) -> None:
+def check_attention_window(model_config, jobs) -> None:
     """The packed attention is causal over each whole sample; a model with sliding-window attention
     would compute something else for samples longer than its window, so those are refused."""
     window = getattr(model_config, "sliding_window", None)
@@ -154,48 +117,29 @@ def _check_attention_window(model_config, jobs) -> None:
         )
 
 
-def training_order(num_samples: int, spec: JobSpec) -> list[int]:
-    """Dataset indices in the order the job trains on them: one seeded permutation per epoch,
-    as many epochs as max_steps or epochs need."""
-    if spec.max_steps is not None:
-        total = spec.max_steps * spec.global_batch_size
-    else:
-        total = math.ceil((spec.epochs if spec.epochs is not None else 1.0) * num_samples)
-        if total > MAX_SAMPLES_PER_JOB:
-            raise ValueError(
-                f"epochs={spec.epochs:g} over {num_samples:,} records is {total:,} samples, "
-                f"more than {MAX_SAMPLES_PER_JOB:,}: lower epochs"
-            )
-    order: list[int] = []
-    epoch = 0
-    while len(order) < total:
-        generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + epoch)
-        order += torch.randperm(num_samples, generator=generator).tolist()
-        epoch += 1
-    return order[:total]
-
-
-def lr_lambda(spec: JobSpec, num_steps: int):
-    """Multiplier of the job's lr at each step: linear warm-up, then constant, linear or cosine decay to 0."""
-
-    def multiplier(step: int) -> float:
-        if step < spec.warmup_steps:
-            return (step + 1) / (spec.warmup_steps + 1)
-        if spec.lr_schedule == "constant":
-            return 1.0
-        progress = (step - spec.warmup_steps) / max(1, num_steps - spec.warmup_steps)
-        if spec.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return multiplier
+def save_inline_base_model(model_spec, tokenizer, root: Path, keep_complete: bool) -> Path:
+    """An inline model exists only as a seed: save it to root/base_model, so PEFT and `lorafusion
+    generate` can load the trained adapters onto the same weights. It is published whole (see
+    publish_files): a resumed run keeps a complete one and saves again one a kill cut short."""
+    target = root / BASE_MODEL_DIR
+    if keep_complete and is_complete(target):
+        return target
+    refuse_links(root, target)
+    staging = staging_directory(target)
+    try:
+        build_base_model(model_spec, "cpu").save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        publish_files(staging, target, root=root)
+    finally:
+        discard(staging)
+    return target
 
 
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-class MultiJobTrainer:
+class MultiJobTrainer(TrainingLoop):
     """Trains every job of `config` together; see the module docstring for the outputs."""
 
     def __init__(self, config: TrainConfig, device: torch.device | str | None = None, progress: bool = True):
@@ -210,12 +154,15 @@ class MultiJobTrainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = progress
         self.output_dir = Path(config.output_dir)
+        self.checkpoints = CheckpointStore(self.output_dir, self.stage_index, self.num_stages)
+        self.checkpoint_every = config.checkpoint_every
+        self.dropout_seed_base = config.model.seed
         self.tokenizer = load_tokenizer(config.tokenizer)
         self.jobs: dict[str, JobRun] = {}
         for spec in config.jobs:
             job = JobRun(spec)
             try:
-                job.samples = load_jsonl_dataset(spec.data, spec.format, self.tokenizer, spec.max_seq_len)
+                job.samples = load_job_samples(spec, self.tokenizer)
             except DataError as error:
                 job.status, job.failure = "failed", str(error)
             self.jobs[spec.name] = job
@@ -227,7 +174,7 @@ class MultiJobTrainer:
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.model.config.vocab_size}: set model.config.vocab_size >= {self.tokenizer.vocab_size}"
             )
-        _check_attention_window(self.model.config, config.jobs)
+        check_attention_window(self.model.config, config.jobs)
         base_path = config.model.path or str(self.output_dir / "base_model")
         lora_configs = {
             spec.name: LoRAConfig(
@@ -251,67 +198,12 @@ class MultiJobTrainer:
         )
         self.setup_stage()
         for job in self.jobs.values():
-            self._prepare(job)
-
-    # ---- pipeline stage (a single process is stage 0 of 1) --------------------------------------
-
-    stage_index = 0
-    num_stages = 1
-    # A single process has every stage's weights when a job finishes; a pipeline publishes after
-    # all stages have written their last checkpoint.
-    publishes_when_finished = True
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.stage_index == self.num_stages - 1
-
-    @property
-    def is_reporter(self) -> bool:
-        """The one process that logs, shows progress and writes statuses: the last stage (of the
-        first data-parallel replica), where the losses are."""
-        return self.is_last_stage
+            self.prepare_job(job)
 
     @property
     def planning_stages(self) -> int:
         """Pipeline positions between a job's dependent microbatches (see the scheduler)."""
         return self.config.parallel.pipeline_stages
-
-    def setup_stage(self) -> None:
-        """Pipeline engines cut the model here, after the adapters are on (so names and initial
-        values do not depend on the stage layout)."""
-
-    def owned_lora_modules(self) -> dict:
-        """The MultiLoRALinear layers this process trains, by full module name."""
-        return multi_lora_modules(self.model)
-
-    def _prepare(self, job: JobRun) -> None:
-        if job.status == "failed":
-            return
-        spec = job.spec
-        try:
-            job.order = training_order(len(job.samples), spec)
-        except ValueError as error:
-            job.status, job.failure = "failed", str(error)
-            return
-        job.num_steps = math.ceil(len(job.order) / spec.global_batch_size)
-        job.target_tokens, job.remaining = [], []
-        for g in range(job.num_steps):
-            batch = job.order[g * spec.global_batch_size : (g + 1) * spec.global_batch_size]
-            job.target_tokens.append(sum(job.samples[i].num_target_tokens for i in batch))
-            job.remaining.append(len(batch))
-        job.named_parameters = {
-            adapter_key(module_name, matrix): getattr(layer, matrix)[job.name]
-            for module_name, layer in self.owned_lora_modules().items()
-            if job.name in layer.adapters
-            for matrix in ("lora_A", "lora_B")
-        }
-        # A job may target no layer of this pipeline stage: it then has nothing to step here.
-        job.optimizer = torch.optim.AdamW(
-            list(job.named_parameters.values()) or [torch.nn.Parameter(torch.zeros(0))],
-            lr=spec.lr,
-            weight_decay=spec.weight_decay,
-        )
-        job.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(job.optimizer, lr_lambda(spec, job.num_steps))
 
     # ---- planning -------------------------------------------------------------------------------
 
@@ -361,20 +253,7 @@ class MultiJobTrainer:
         ]
         if not scheduler_jobs:
             raise self._no_job_can_train()
-        spec, stages = self.config.scheduler, self.planning_stages
-        if spec.policy == "lorafusion":
-            schedule = plan_schedule(
-                scheduler_jobs,
-                stages=stages,
-                capacity=spec.capacity,
-                pad_multiple=spec.pad_multiple,
-                time_limit_s=spec.time_limit_s,
-                use_milp=spec.solver == "milp",
-            )
-        else:
-            baseline_order = megatron_order if spec.policy == "megatron" else mlora_order
-            microbatches = baseline_order(scheduler_jobs, stages, spec.capacity)
-            schedule = Schedule(stages=stages, capacity=spec.capacity, pad_multiple=1, microbatches=microbatches)
+        schedule = plan_microbatches(scheduler_jobs, self.config.scheduler, self.planning_stages)
         if save:
             write_atomically(path, schedule.to_json_dict() | {"fingerprint": fingerprint}, root=self.output_dir)
         return schedule
@@ -385,91 +264,9 @@ class MultiJobTrainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
-    def _checkpoint_dir(self, job: JobRun) -> Path:
-        return self.output_dir / CHECKPOINTS_DIR / job.name
-
-    @property
-    def _stage_file_name(self) -> str:
-        return f"stage-{self.stage_index}-of-{self.num_stages}.pt"
-
-    def _stage_file(self, job: JobRun, step: int) -> Path:
-        return self._checkpoint_dir(job) / f"step-{step}" / self._stage_file_name
-
-    def save_checkpoint(self, job: JobRun) -> None:
-        """This stage's adapter weights, AdamW state (both keyed by PEFT parameter name), LR schedule
-        and position, written to a temporary file that then replaces the target, so a kill never
-        leaves a half-written one. Keeps this stage's previous checkpoint, which is the complete
-        one while other stages are still writing this step."""
-        target = self._stage_file(job, job.step)
-        optimizer_state = {
-            key: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in job.optimizer.state[param].items()}
-            for key, param in job.named_parameters.items()
-            if param in job.optimizer.state
-        }
-        state = {
-            "step": job.step,
-            "tokens_seen": job.tokens_seen,
-            "last_loss": job.last_loss,
-            "parameters": {key: param.detach().cpu().clone() for key, param in job.named_parameters.items()},
-            "optimizer": optimizer_state,
-            "lr_scheduler": job.lr_scheduler.state_dict(),
-        }
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        write_atomically(target, buffer.getvalue(), root=self.output_dir)
-        own_steps = sorted(self._steps_with_file(job, own_only=True))
-        for old in own_steps[:-2]:
-            self._stage_file(job, old).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # still holds another stage's file: that stage removes it
-                self._stage_file(job, old).parent.rmdir()
-
-    def _steps_with_file(self, job: JobRun, own_only: bool = False) -> list[int]:
-        steps = []
-        for directory in self._checkpoint_dir(job).glob("step-*"):
-            if own_only and not (directory / self._stage_file_name).exists():
-                continue
-            steps.append(int(directory.name.removeprefix("step-")))
-        return steps
-
-    def complete_checkpoints(self, job: JobRun):
-        """The stage files of each of the job's steps that every stage of the run that wrote it
-        finished (any stage count), newest first."""
-        for step in sorted(self._steps_with_file(job), reverse=True):
-            files = sorted((self._checkpoint_dir(job) / f"step-{step}").glob("stage-*-of-*.pt"))
-            if not files:
-                continue
-            stages = int(files[0].stem.rsplit("-of-", 1)[1])
-            if len({f.name for f in files if f.stem.endswith(f"-of-{stages}")}) == stages:
-                yield [f for f in files if f.stem.endswith(f"-of-{stages}")]
-
     def latest_complete_checkpoint(self, job: JobRun) -> list[Path]:
         """The stage files of the job's newest complete step, or [] if there is none."""
-        return next(self.complete_checkpoints(job), [])
-
-    def _load_newest_intact(self, job: JobRun) -> tuple[list[Path], dict] | None:
-        """The newest complete checkpoint that loads; a damaged one (a truncated file, say) is
-        passed over for the one before it, with a warning."""
-        for files in self.complete_checkpoints(job):
-            try:
-                return files, self._load_stage_files(files)
-            except Exception as error:  # noqa: BLE001 - whatever torch.load makes of a damaged file
-                warn(f"checkpoint {files[0].parent} of job {job.name!r} is damaged ({type(error).__name__}: "
-                     f"{str(error)[:200]}); falling back to the previous complete checkpoint")
-        return None
-
-    @staticmethod
-    def _load_stage_files(files: list[Path]) -> dict:
-        """The stage files of one checkpoint step merged: parameters and AdamW state by key."""
-        merged: dict = {"parameters": {}, "optimizer": {}}
-        for path in files:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or not {"parameters", "optimizer", "step"} <= state.keys():
-                raise ValueError(f"{path} is not a checkpoint stage file")
-            merged["parameters"].update(state["parameters"])
-            merged["optimizer"].update(state["optimizer"])
-            for key in ("step", "tokens_seen", "last_loss", "lr_scheduler"):
-                merged[key] = state[key]
-        return merged
+        return self.checkpoints.latest_complete(job.name)
 
     def _restore(self, job: JobRun) -> None:
         """A job failed in this run stays failed, one whose adapter this run published stays
@@ -486,46 +283,14 @@ class MultiJobTrainer:
             job.last_loss = math.nan if status.get("last_loss") is None else float(status["last_loss"])
             job.remaining = [0] * job.num_steps
             return
-        loaded = self._load_newest_intact(job)
-        if loaded is None:
-            return
-        files, state = loaded
-        missing = sorted(set(job.named_parameters) - set(state["parameters"]))
-        if missing:
-            raise ValueError(f"checkpoint {files[0].parent} of job {job.name!r} lacks {missing[:5]}")
-        with torch.no_grad():
-            for key, param in job.named_parameters.items():
-                param.copy_(state["parameters"][key])
-                if key in state["optimizer"]:
-                    job.optimizer.state[param] = {
-                        k: v.to(param.device) if torch.is_tensor(v) and v.dim() > 0 else v
-                        for k, v in state["optimizer"][key].items()
-                    }
-        job.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        for group, lr in zip(job.optimizer.param_groups, job.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
-        job.step, job.tokens_seen, job.last_loss = state["step"], state["tokens_seen"], state["last_loss"]
-        for g in range(job.step):
-            job.remaining[g] = 0
-        if job.step == job.num_steps:
-            job.status = "finished"
+        self.checkpoints.restore(job)
 
     def publish_adapter(self, job: JobRun) -> Path:
         """Write the job's final adapter (PEFT format) to output_dir/<job>, assembled from the
         stage files of its last step."""
-        files = self.latest_complete_checkpoint(job)
-        state = self._load_stage_files(files)
-        if state["step"] != job.num_steps:
-            raise RuntimeError(f"job {job.name!r}: the newest complete checkpoint is step {state['step']}, not the last step")
         config = get_multi_lora_configs(self.model)[job.name]
         target = self.output_dir / job.name
-        refuse_links(self.output_dir, target)
-        staging = staging_directory(target)
-        try:
-            write_adapter_directory(state["parameters"], config.to_peft_dict(), staging / "adapter")
-            publish_files(staging / "adapter", target, root=self.output_dir)
-        finally:
-            discard(staging)
+        self.checkpoints.publish_adapter(job, config.to_peft_dict(), target)
         # Only now, with this run's id, is the adapter this run's as far as a resumed run is concerned.
         self._write_status(job)
         job.published = True
@@ -607,7 +372,7 @@ class MultiJobTrainer:
         self._run_id = self.run_directory.run_id
         try:
             if self.config.model.path is None:
-                self._save_inline_base_model(keep_complete=resume)
+                save_inline_base_model(self.config.model, self.tokenizer, self.output_dir, keep_complete=resume)
             return schedule or self.plan(resume, save=True)
         except BaseException:
             self.release_output_dir()
@@ -626,17 +391,6 @@ class MultiJobTrainer:
         if self.run_directory is not None:
             self.run_directory.release()
 
-    def live_refs(self, microbatch) -> list:
-        """The microbatch's samples still to train: of known, running jobs, in global batches not
-        already done (after a resume)."""
-        return [
-            ref
-            for ref in microbatch.samples
-            if ref.job in self.jobs
-            and self.jobs[ref.job].status == "running"
-            and self.jobs[ref.job].remaining[ref.global_batch] > 0
-        ]
-
     def finish(self, microbatches_run: int) -> TrainResult:
         self.release_output_dir()
         self._progress.close()  # before the summary, which would otherwise print between the bars
@@ -652,119 +406,10 @@ class MultiJobTrainer:
         if self._tensorboard is not None:
             self._tensorboard.close()
 
-    def pack(self, position: int, refs: list) -> PackedMicrobatch:
-        """The samples of microbatch `position`, packed, with a placeholder for each of its samples
-        not in `refs`. Its dropout seed depends only on the run and the position (each layer mixes
-        in its own offset), and every sample keeps its rows, so the single process, every pipeline
-        engine and a resumed run draw the same masks: the RNG state a checkpoint would otherwise
-        have to keep."""
-        trained = set(refs)
-        entries = [
-            (ref.job, self.jobs[ref.job].samples[self.jobs[ref.job].order[ref.index]])
-            if ref in trained
-            else (None, padding_sample(ref.tokens))
-            for ref in self._schedule.microbatches[position].samples
-        ]
-        seed = (self.config.model.seed * 1_000_003 + position) % (2**31 - 1)
-        return pack_samples(entries, self.device, dropout_seed=seed)
-
-    def _run_microbatch(self, position: int, refs: list) -> None:
-        # Every operation is per token or per sample (packed attention, per-segment adapters), so a
-        # job's non-finite values stay in its own rows and gradients: it fails at its step, and the
-        # others' losses go on. Nothing is read back here: a read per microbatch would make the host
-        # wait for the device's queue to drain before it could queue the next microbatch.
-        losses = self._forward(position, refs)
-        sum(losses.values()).backward()
-        for name, loss in losses.items():
-            job = self.jobs[name]
-            loss = loss.detach()
-            job.pending_loss = loss if job.pending_loss is None else job.pending_loss + loss
-        self.count_trained([ref for ref in refs if self.jobs[ref.job].status == "running"])
-
-    def _read_back_loss(self, job: JobRun, global_batch: int) -> None:
-        """Add the loss summed on the device to batch_loss (one read per job step); a non-finite one
-        fails the job, as its gradients and its metrics would be meaningless."""
-        if job.pending_loss is None:
-            return
-        loss, job.pending_loss = float(job.pending_loss), None
-        if not math.isfinite(loss):
-            self._fail(job, f"non-finite loss ({loss}) in global batch {global_batch}")
-            return
-        job.batch_loss += loss
-
-    def count_trained(self, refs: list) -> None:
-        """Book the samples as trained (their gradients are in); step each job whose global batch
-        this completes."""
-        for ref in refs:
-            job = self.jobs[ref.job]
-            job.batch_tokens += ref.tokens
-            job.tokens_seen += ref.tokens
-            job.remaining[ref.global_batch] -= 1
-            if job.remaining[ref.global_batch] == 0:
-                self._step(job, ref.global_batch)
-
-    def _forward(self, position: int, refs: list) -> dict[str, torch.Tensor]:
-        """Each job's share of the microbatch loss (token cross-entropy sum / its global batch's target tokens)."""
-        packed = self.pack(position, refs)
-        with multi_lora_batch(self.model, packed.lora_batch):
-            logits = self.model(**packed.model_inputs()).logits
-        return self._job_losses(packed, per_token_loss(logits, packed.labels), refs)
-
-    def _job_losses(self, packed: PackedMicrobatch, token_losses: torch.Tensor, refs: list) -> dict[str, torch.Tensor]:
-        names = list(dict.fromkeys(packed.jobs))
-        job_of_sample = torch.tensor([names.index(j) for j in packed.jobs], device=token_losses.device)
-        sums = token_losses.new_zeros(len(names)).index_add(0, job_of_sample[packed.sample_of_token], token_losses)
-        batch_of_job = {ref.job: ref.global_batch for ref in refs}
-        return {
-            name: sums[i] / self.jobs[name].target_tokens[batch_of_job[name]]
-            for i, name in enumerate(names)
-            if name is not None  # placeholders carry no loss
-        }
-
-    def _fail(self, job: JobRun, reason: str) -> None:
-        job.status, job.failure = "failed", reason
-        job.optimizer.zero_grad(set_to_none=True)
-        self._write_status(job)
-
     def _write_status(self, job: JobRun) -> None:
         if not self.is_reporter:
             return
         write_atomically(self.output_dir / job.name / STATUS_FILE, status_record(self.run_id, job), root=self.output_dir)
-
-    def reduce_gradients(self, job: JobRun) -> None:
-        """Data-parallel engines sum the job's gradients (and its loss) over replicas here."""
-
-    def _step(self, job: JobRun, global_batch: int) -> None:
-        self._read_back_loss(job, global_batch)
-        self.reduce_gradients(job)  # first: data-parallel replicas all take part, and may report a failure
-        if job.status == "failed":  # a pipeline still carries a failed job's samples; it never steps again
-            job.optimizer.zero_grad(set_to_none=True)
-            return
-        if global_batch != job.step:
-            raise RuntimeError(f"job {job.name!r}: global batch {global_batch} completed before batch {job.step} (schedule out of order)")
-        params = list(job.named_parameters.values())
-        if not _all_finite([p.grad for p in params if p.grad is not None]):
-            self._fail(job, f"non-finite gradient at step {job.step + 1}")
-            return
-        job.optimizer.step()
-        job.lr_scheduler.step()
-        job.optimizer.zero_grad(set_to_none=True)
-        if not _all_finite(params):
-            self._fail(job, f"non-finite parameters after step {job.step + 1}")
-            return
-        job.step += 1
-        job.last_loss = job.batch_loss
-        if self.is_reporter:
-            self._log_step(job)
-        job.batch_loss, job.batch_tokens = 0.0, 0
-        every = self.config.checkpoint_every
-        if job.step == job.num_steps:
-            job.status = "finished"
-            self.save_checkpoint(job)
-            if self.publishes_when_finished:
-                self.publish_adapter(job)
-        elif every and job.step % every == 0:
-            self.save_checkpoint(job)
 
     def _log_step(self, job: JobRun) -> None:
         """One metrics.jsonl record and a progress-bar tick for a job's optimizer step."""
@@ -785,22 +430,6 @@ class MultiJobTrainer:
         self._progress.step(job.name, job.step, job.num_steps, job.last_loss, record["tokens_per_s"])
 
     # ---- reporting ------------------------------------------------------------------------------
-
-    def _save_inline_base_model(self, keep_complete: bool) -> None:
-        """An inline model exists only as a seed: save it, so PEFT and `lorafusion generate` can
-        load the trained adapters onto the same weights. It is published whole (see
-        publish_files): a resumed run keeps a complete one and saves again one a kill cut short."""
-        target = self.output_dir / BASE_MODEL_DIR
-        if keep_complete and is_complete(target):
-            return
-        refuse_links(self.output_dir, target)
-        staging = staging_directory(target)
-        try:
-            build_base_model(self.config.model, "cpu").save_pretrained(staging)
-            self.tokenizer.save_pretrained(staging)
-            publish_files(staging, target, root=self.output_dir)
-        finally:
-            discard(staging)
 
     def _result(self, microbatches: int, interrupted: bool = False) -> TrainResult:
         summaries = {

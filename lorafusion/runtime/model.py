@@ -18,8 +18,8 @@ ARCHITECTURES = {
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Checkpoint model types whose attention the packed-microbatch attention computes exactly, with every
-# option they pass it (scaling, dropout, sliding windows, Gemma2's logit softcap): tested against each
-# sample run alone with the model's eager attention. Others (Gemma3's per-layer rotary embeddings,
+# option they pass it (scaling, sliding windows, Gemma2's logit softcap; attention dropout is refused
+# below): tested against each sample run alone with the model's eager attention. Others (Gemma3's per-layer rotary embeddings,
 # gpt-oss's attention sinks, Falcon's own attention, encoder-decoders) would train a different model
 # or fail deep inside transformers.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
@@ -37,6 +37,13 @@ def check_architecture(config: transformers.PretrainedConfig, source: str) -> No
         raise ValueError(
             f"{source}: use_bidirectional_attention=True is not supported by the training runtime (its packed "
             f"attention is causal)"
+        )
+    # The runtime's dropout is seeded (lora_dropout); attention dropout would draw from torch's global
+    # generator, so a resumed run, or a job packed with others, would not train what it trains alone.
+    if getattr(config, "attention_dropout", 0.0):
+        raise ValueError(
+            f"{source}: attention_dropout={config.attention_dropout} is not supported by the training runtime "
+            f"(its draws would not be reproducible on resume); set it to 0.0 (lora_dropout regularises the adapters)"
         )
 
 
@@ -56,6 +63,7 @@ def build_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> tra
     else:
         config_class, model_class = ARCHITECTURES[spec.architecture]
         config = config_class(**spec.config)
+        check_architecture(config, "model.config")
         config._attn_implementation = PACKED_ATTENTION
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)

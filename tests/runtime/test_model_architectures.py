@@ -75,3 +75,13 @@ def test_bidirectional_attention_gets_one_line(tmp_path):
     with pytest.raises(ValueError, match=rf"model.path {path}: use_bidirectional_attention=True is not supported") as error:
         build_base_model(ModelSpec(path=path, architecture=None, config={}))
     assert "\n" not in str(error.value)
+
+
+def test_attention_dropout_gets_one_line(tmp_path):
+    torch.manual_seed(0)
+    path = saved(tmp_path, transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, attention_dropout=0.1)))
+    with pytest.raises(ValueError, match=rf"model.path {path}: attention_dropout=0.1 is not supported .*set it to 0.0") as error:
+        build_base_model(ModelSpec(path=path, architecture=None, config={}))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"^model.config: attention_dropout=0.2 is not supported"):
+        build_base_model(ModelSpec(path=None, architecture="mistral", config=dict(TINY, attention_dropout=0.2)))

@@ -15,6 +15,11 @@ SUBCOMMANDS = {
     "eval": ("eval", "exact-match accuracy of an adapter's completions on a JSONL of prompt/completion pairs"),
     "plan": ("plan", "schedule several LoRA jobs into token-capped microbatches"),
     "loram": ("loram", "LoRAM: prune a model, align it, recover adapters trained on it for the original"),
+    "serve": ("serve", "run the fine-tuning service: jobs submitted, cancelled and finished while it trains"),
+    "submit": ("submit", "send a job to a running `lorafusion serve`"),
+    "jobs": ("jobs", "list the jobs of a running `lorafusion serve`: state, step, loss, tokens/s, ETA"),
+    "cancel": ("cancel", "cancel a job of a running `lorafusion serve`"),
+    "logs": ("logs", "show a job's log lines from a running `lorafusion serve`"),
 }
 
 

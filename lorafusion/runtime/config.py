@@ -245,8 +245,9 @@ def load_config(path: str | os.PathLike) -> TrainConfig:
     return parse_config(data, config_path.parent, config_path)
 
 
-def parse_config(data: dict, base_dir: Path, config_path: Path | None = None) -> TrainConfig:
+def parse_config(data: dict, base_dir: Path, config_path: Path | None = None, require_jobs: bool = True) -> TrainConfig:
     """Validate a config mapping (as read from YAML); relative paths are resolved against `base_dir`.
+    With require_jobs=False a mapping without `jobs` is valid (`lorafusion serve`: jobs are submitted later).
 
     Raises ConfigError listing every problem found.
     """
@@ -254,7 +255,7 @@ def parse_config(data: dict, base_dir: Path, config_path: Path | None = None) ->
     if not isinstance(data, dict):
         checker.add(FILE_KEY, f"must be a mapping with keys model, jobs, ...; got {_describe(data)}")
         raise ConfigError(checker.problems)
-    checker.check_keys(data, "", _TOP_LEVEL_KEYS, required=("model", "jobs"))
+    checker.check_keys(data, "", _TOP_LEVEL_KEYS, required=("model", "jobs") if require_jobs else ("model",))
 
     tokenizer = checker.directory(data, "tokenizer", "")
     model = None

@@ -1,0 +1,46 @@
+"""`lorafusion serve SERVER.yaml`: the fine-tuning service (see lorafusion.service)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="SERVER.yaml", help="model/tokenizer/scheduler sections as in a training "
+                        "config, plus state_dir, data_roots, host, port, token (see the README's Service section)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lorafusion.runtime.config import ConfigError
+    from lorafusion.service.config import load_server_config
+
+    try:
+        server_config = load_server_config(args.config)
+    except ConfigError as error:
+        print(f"lorafusion serve: invalid config {args.config}:\n{error}", file=sys.stderr)
+        return 2
+    from transformers.utils import logging as transformers_logging
+
+    from lorafusion.runtime.engine_imports import deepspeed_left_unimported
+    from lorafusion.service.server import Service
+
+    transformers_logging.disable_progress_bar()  # its "Writing model shards" bar, saving an inline base model
+    try:
+        with deepspeed_left_unimported():
+            service = Service.start(server_config, device=args.device)
+    except (ValueError, OSError) as error:  # the state directory in use or refused, the port taken, ...
+        print(f"lorafusion serve: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    stop = lambda signum, frame: service.trainer.stop_requested.set()  # noqa: E731
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    print(f"lorafusion serve: listening on {service.url} (state in {server_config.state_dir})", flush=True)
+    try:
+        service.train_until_stopped()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("lorafusion serve: stopped; accepted jobs continue from their checkpoints at the next start", flush=True)
+    return 0

@@ -1,0 +1,167 @@
+"""SERVER.yaml for `lorafusion serve`, and the jobs submitted to it.
+
+The base-model sections are those of a training config (model, tokenizer, scheduler, parallel,
+backend, checkpoint_every), checked by the same parser; a submitted job is one entry of a training
+config's `jobs` list, checked by the same parser in the context of the server's sections (so its
+max_seq_len meets the same capacity and position limits). Every problem is reported at once, each
+with its key path. Server keys::
+
+    state_dir: serve-state      # required: SQLite queue, checkpoints, adapters (relative to this file)
+    data_roots: [data]          # required: a job's data must lie under one of these (after symlinks)
+    host: 127.0.0.1             # a non-loopback host needs `token`
+    port: 8631
+    token: null                 # clients send it as "Authorization: Bearer TOKEN"
+    window_batches: 4           # global batches per job in one planning window
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafusion.runtime.config import ConfigError, JobSpec, TrainConfig, parse_config
+from lorafusion.safe_yaml import YAMLInputError, load_yaml
+
+from .client import DEFAULT_PORT, TOKEN_ENV
+
+SERVER_KEYS = ("state_dir", "data_roots", "host", "port", "token", "window_batches")
+TRAINING_KEYS = ("model", "tokenizer", "scheduler", "parallel", "backend", "checkpoint_every")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    training: TrainConfig  # no jobs; output_dir is the state directory
+    state_dir: Path
+    data_roots: tuple[Path, ...]
+    host: str
+    port: int
+    token: str | None
+    window_batches: int
+
+
+def load_server_config(path: str | os.PathLike) -> ServerConfig:
+    config_path = Path(path).expanduser().resolve()
+    try:
+        data = load_yaml(config_path.read_text(encoding="utf-8"), str(config_path))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError([("<file>", f"cannot read {config_path}: {getattr(error, 'strerror', None) or error}")]) from None
+    except YAMLInputError as error:
+        raise ConfigError([("<file>", str(error))]) from None
+    return parse_server_config(data, config_path.parent)
+
+
+def parse_server_config(data: object, base_dir: Path) -> ServerConfig:
+    if not isinstance(data, dict):
+        raise ConfigError([("<file>", "must be a mapping with keys model, state_dir, data_roots, ...")])
+    problems: list[tuple[str, str]] = []
+    for key in data:
+        if key not in SERVER_KEYS + TRAINING_KEYS:
+            problems.append((str(key), f"unknown key; known keys: {', '.join(SERVER_KEYS + TRAINING_KEYS)}"))
+    training = None
+    sections = {key: data[key] for key in TRAINING_KEYS if key in data}
+    state_dir = data.get("state_dir")
+    if not isinstance(state_dir, str) or not state_dir:
+        problems.append(("state_dir", "required: a directory for the service's queue, checkpoints and adapters"))
+    else:
+        sections["output_dir"] = state_dir
+    try:
+        training = parse_config(sections, base_dir, require_jobs=False)
+    except ConfigError as error:
+        problems += error.problems
+    if training is not None and training.parallel.engine != "none":
+        problems.append(("parallel.engine", f"{training.parallel.engine!r}: lorafusion serve trains in one process (engine: none)"))
+    if training is not None and training.model.quantize is not None:
+        problems.append(("model.quantize", "not supported by lorafusion serve"))
+    roots = data.get("data_roots")
+    data_roots: list[Path] = []
+    if not isinstance(roots, list) or not roots or not all(isinstance(r, str) and r for r in roots):
+        problems.append(("data_roots", "required: a non-empty list of directories that submitted jobs' data may come from"))
+    else:
+        for index, root in enumerate(roots):
+            resolved = (base_dir / Path(root).expanduser()).resolve()
+            if not resolved.is_dir():
+                problems.append((f"data_roots[{index}]", f"directory not found: {resolved}"))
+            data_roots.append(resolved)
+    host = data.get("host", "127.0.0.1")
+    if not isinstance(host, str) or not host:
+        problems.append(("host", f"must be a host name or address, got {host!r}"))
+    port = data.get("port", DEFAULT_PORT)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        problems.append(("port", f"must be an integer in 0..65535 (0: any free port), got {port!r}"))
+    token = data.get("token") or os.environ.get(TOKEN_ENV) or None
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        problems.append(("token", "must be a string of at least 16 characters"))
+    if isinstance(host, str) and host and not is_loopback(host) and token is None:
+        problems.append(("token", f"required when host is not a loopback address (host: {host}); or set {TOKEN_ENV}"))
+    window = data.get("window_batches", 4)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        problems.append(("window_batches", f"must be an integer >= 1, got {window!r}"))
+    if problems:
+        raise ConfigError(problems)
+    return ServerConfig(training, training.output_dir, tuple(data_roots), host, port, token, window)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_job(entry: object, server: ServerConfig) -> JobSpec:
+    """A submitted job (one entry of a training config's `jobs` list; paths absolute), checked by the
+    training config's parser against the server's sections. Raises ConfigError with every problem,
+    key paths relative to the job ("lr", "target_modules", ...)."""
+    problems = data_root_problems(entry, server.data_roots)
+    if problems:  # checked before anything reads the path (not even whether it exists)
+        raise ConfigError(problems)
+    training = server.training
+    sections = {
+        "model": _model_section(training),
+        "tokenizer": training.tokenizer,
+        "scheduler": vars(training.scheduler),
+        "jobs": [entry],
+        "output_dir": str(server.state_dir),
+    }
+    try:
+        return parse_config(sections, server.state_dir).jobs[0]
+    except ConfigError as error:
+        raise ConfigError([(_job_key(key), reason) for key, reason in error.problems]) from None
+
+
+def _model_section(training: TrainConfig) -> dict:
+    model = training.model
+    if model.path is not None:
+        return {"path": model.path}
+    return {"architecture": model.architecture, "config": model.config}
+
+
+def _job_key(key: str) -> str:
+    for prefix in ("jobs[0].", "jobs[0]"):
+        if key.startswith(prefix):
+            return key[len(prefix):] or "<job>"
+    return "<job>" if key == "jobs" else key
+
+
+def data_root_problems(entry: object, roots: tuple[Path, ...]) -> list[tuple[str, str]]:
+    """The job's data files (data, eval_data) must be absolute paths that resolve, symlinks
+    followed, under one of `roots`: no reading arbitrary files through a submitted path."""
+    if not isinstance(entry, dict):
+        return [("<job>", "must be a mapping (one entry of a training config's jobs list)")]
+    problems = []
+    for key in ("data", "eval_data"):
+        value = entry.get(key)
+        if value is None or not isinstance(value, str):
+            continue  # a missing or mistyped path is the parser's to report
+        path = Path(value)
+        if not path.is_absolute():
+            problems.append((key, f"must be an absolute path (lorafusion submit resolves it), got {value!r}"))
+            continue
+        resolved = path.resolve()
+        if not any(resolved.is_relative_to(root) for root in roots):
+            problems.append((key, f"{value} is not under the server's data_roots ({', '.join(map(str, roots))})"))
+    return problems

@@ -1,0 +1,150 @@
+"""The service's HTTP JSON API (stdlib http.server, one thread per request):
+
+    POST /jobs                 body: one job mapping (as in a training config's jobs list, paths
+                               absolute) -> 201 {"job": JOB}
+    GET  /jobs                 -> 200 {"jobs": [JOB, ...]} in submission order
+    GET  /jobs/NAME            -> 200 {"job": JOB}
+    POST /jobs/NAME/cancel     -> 200 {"job": JOB} once the trainer has stopped it
+    GET  /jobs/NAME/logs       -> 200 {"name": NAME, "lines": [{"at": UNIX_TIME, "line": TEXT}, ...]}
+
+Errors: {"error": ONE_LINE, "problems": [{"key": KEY_PATH, "reason": TEXT}, ...]} with 400 (the
+job does not validate: every problem at once), 401 (token missing or wrong, when the server has
+one: "Authorization: Bearer TOKEN"), 403 (data outside the server's data_roots), 404, 409 (name
+taken; cancel of an ended job), 413 (body over 1 MiB). What the API answers is committed first.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from .store import TERMINAL_STATES
+from .trainer import ServiceTrainer, SubmissionError
+
+MAX_BODY_BYTES = 1 << 20
+CANCEL_WAIT_S = 60.0
+_JOB_PATH = re.compile(r"/jobs/([A-Za-z0-9_-]+)(/cancel|/logs)?")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, problems: list[tuple[str, str]] = ()):
+        self.status, self.message, self.problems = status, message, list(problems)
+        super().__init__(message)
+
+
+class ServiceHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], trainer: ServiceTrainer, token: str | None):
+        self.trainer, self.token = trainer, token
+        super().__init__(address, _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ServiceHTTPServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
+        pass  # the job logs are the service's log; no line per request on stderr
+
+    def do_GET(self) -> None:
+        self._answer(self._get)
+
+    def do_POST(self) -> None:
+        self._answer(self._post)
+
+    def _answer(self, route) -> None:
+        try:
+            self._check_token()
+            status, body = route(self.path.split("?", 1)[0].rstrip("/") or "/")
+        except ApiError as error:
+            status = error.status
+            body = {"error": error.message, "problems": [{"key": k, "reason": r} for k, r in error.problems]}
+        except SubmissionError as error:
+            status = error.status
+            body = {"error": _one_line(error.problems), "problems": [{"key": k, "reason": r} for k, r in error.problems]}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _check_token(self) -> None:
+        expected = self.server.token
+        if expected is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {expected}".encode()):
+            # The body is not read: drop the connection after answering.
+            self.close_connection = True
+            raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send 'Authorization: Bearer TOKEN'")
+
+    def _read_json(self) -> object:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a JSON body with Content-Length is required") from None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes is over {MAX_BODY_BYTES}")
+        try:
+            return json.loads(self.rfile.read(length) or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {error}") from None
+
+    def _get(self, path: str) -> tuple[int, dict]:
+        store = self.server.trainer.store
+        if path == "/jobs":
+            return HTTPStatus.OK, {"jobs": store.all()}
+        name, action = _job_route(path)
+        job = _existing(store, name)
+        if action is None:
+            return HTTPStatus.OK, {"job": job}
+        if action == "/logs":
+            return HTTPStatus.OK, {"name": name, "lines": store.logs(name)}
+        raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"use POST for {path}")
+
+    def _post(self, path: str) -> tuple[int, dict]:
+        trainer = self.server.trainer
+        if path == "/jobs":
+            entry = self._read_json()
+            return HTTPStatus.CREATED, {"job": trainer.submit(entry)}
+        name, action = _job_route(path)
+        if action != "/cancel":
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: POST {path}")
+        job = _existing(trainer.store, name)
+        if job["state"] in TERMINAL_STATES:
+            raise ApiError(HTTPStatus.CONFLICT, f"job {name!r} has already {job['state']}; nothing to cancel")
+        trainer.request_cancel(name)
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while time.monotonic() < deadline:
+            job = trainer.store.get(name)
+            if job["state"] in TERMINAL_STATES:
+                break
+            time.sleep(0.05)
+        return HTTPStatus.OK, {"job": job}
+
+
+def _job_route(path: str) -> tuple[str, str | None]:
+    match = _JOB_PATH.fullmatch(path)
+    if match is None:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+    return match.group(1), match.group(2)
+
+
+def _existing(store, name: str) -> dict:
+    job = store.get(name)
+    if job is None:
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no job named {name!r}")
+    return job
+
+
+def _one_line(problems: list[tuple[str, str]]) -> str:
+    first_key, first_reason = problems[0]
+    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    return f"{first_key}: {first_reason}{more}"

@@ -1,0 +1,59 @@
+"""The running service: the state directory claimed and locked, the job store, the trainer and the
+HTTP server answering beside it."""
+
+from __future__ import annotations
+
+import threading
+
+from lorafusion.runtime.output_dir import BASE_MODEL_DIR, CHECKPOINTS_DIR, MARKER_FILE
+from lorafusion.runtime.run_directory import RunDirectory
+
+from .config import ServerConfig
+from .http_api import ServiceHTTPServer
+from .store import DATABASE_FILE, JobStore
+from .trainer import ADAPTERS_DIR, ServiceTrainer
+
+STATE_ENTRIES = [DATABASE_FILE, f"{DATABASE_FILE}-journal", CHECKPOINTS_DIR, ADAPTERS_DIR, BASE_MODEL_DIR]
+
+
+class Service:
+    def __init__(self, directory: RunDirectory, store: JobStore, trainer: ServiceTrainer, http: ServiceHTTPServer):
+        self.directory, self.store, self.trainer, self.http = directory, store, trainer, http
+        self._http_thread = threading.Thread(target=http.serve_forever, name="lorafusion-http", daemon=True)
+        self._http_thread.start()
+
+    @classmethod
+    def start(cls, config: ServerConfig, device: str | None = None) -> Service:
+        """Claim the state directory (a new or empty one, or this service's own from an earlier
+        start: it then continues every accepted job), load the base model, listen."""
+        state_dir = config.state_dir
+        directory = RunDirectory.claim(state_dir, STATE_ENTRIES, resume=(state_dir / MARKER_FILE).is_file(), overwrite=False)
+        store = None
+        try:
+            store = JobStore(state_dir / DATABASE_FILE)
+            trainer = ServiceTrainer(config, store, device)
+            http = ServiceHTTPServer((config.host, config.port), trainer, config.token)
+        except BaseException:
+            if store is not None:
+                store.close()
+            directory.release()
+            raise
+        return cls(directory, store, trainer, http)
+
+    @property
+    def url(self) -> str:
+        host, port = self.http.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def train_until_stopped(self) -> None:
+        """Train in this thread until trainer.stop_requested is set; then close everything."""
+        try:
+            self.trainer.run()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+        self.store.close()
+        self.directory.release()

@@ -1,0 +1,166 @@
+"""The service's durable state: one SQLite database in the state directory holding the queue and
+every job's state, progress and log lines. Every write is a committed transaction (synchronous
+FULL) before the caller goes on, so whatever the API has answered survives a kill -9.
+
+Job states: queued (accepted, not yet training) -> running -> finished | failed | cancelled.
+A cancel request is recorded first (`cancel_requested`) and carried out by the trainer between
+microbatches, so a kill between the two still ends with the job cancelled."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+DATABASE_FILE = "state.sqlite"
+TERMINAL_STATES = ("finished", "failed", "cancelled")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT UNIQUE NOT NULL,
+    spec TEXT NOT NULL,            -- the submitted job mapping (JSON), data paths resolved
+    data_digest TEXT NOT NULL,     -- of its data at submission: a restart refuses changed data
+    state TEXT NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    submitted_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL,
+    step INTEGER NOT NULL DEFAULT 0,
+    num_steps INTEGER,
+    loss REAL,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    tokens_per_s REAL,
+    failure TEXT,
+    adapter_dir TEXT
+);
+CREATE TABLE IF NOT EXISTS logs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    at REAL NOT NULL,
+    line TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_by_job ON logs (name, seq);
+"""
+
+_PUBLIC_FIELDS = (
+    "name", "state", "submitted_at", "started_at", "ended_at", "step", "num_steps", "loss", "tokens",
+    "tokens_per_s", "failure", "adapter_dir", "cancel_requested",
+)
+
+
+class DuplicateJob(Exception):
+    """A job of that name was submitted before (names stay taken: they name the outputs)."""
+
+
+class JobStore:
+    """The database, shared by the HTTP threads and the trainer (one connection behind a lock)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA synchronous = FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, statement: str, parameters: tuple = ()) -> sqlite3.Cursor:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = self._db.execute(statement, parameters)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return cursor
+
+    def _read(self, statement: str, parameters: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(statement, parameters).fetchall()
+
+    # ---- the queue ------------------------------------------------------------------------------
+
+    def add(self, name: str, spec: dict, data_digest: str) -> dict:
+        """Accept a job (queued); raises DuplicateJob if the name was ever used."""
+        try:
+            self._write(
+                "INSERT INTO jobs (name, spec, data_digest, state, submitted_at) VALUES (?, ?, ?, 'queued', ?)",
+                (name, json.dumps(spec), data_digest, time.time()),
+            )
+        except sqlite3.IntegrityError:
+            raise DuplicateJob(name) from None
+        self.log(name, "submitted")
+        return self.get(name)
+
+    def get(self, name: str) -> dict | None:
+        rows = self._read("SELECT * FROM jobs WHERE name = ?", (name,))
+        return _public(rows[0]) if rows else None
+
+    def all(self) -> list[dict]:
+        return [_public(row) for row in self._read("SELECT * FROM jobs ORDER BY seq")]
+
+    def exists(self, name: str) -> bool:
+        return bool(self._read("SELECT 1 FROM jobs WHERE name = ?", (name,)))
+
+    def pending(self) -> list[tuple[str, dict, str, str, bool]]:
+        """(name, spec, data digest, state, cancel requested) of every job not in a terminal
+        state, in submission order: what the trainer has to (re)admit."""
+        rows = self._read(
+            "SELECT name, spec, data_digest, state, cancel_requested FROM jobs "
+            f"WHERE state NOT IN {TERMINAL_STATES!r} ORDER BY seq"
+        )
+        return [(r["name"], json.loads(r["spec"]), r["data_digest"], r["state"], bool(r["cancel_requested"])) for r in rows]
+
+    def request_cancel(self, name: str) -> None:
+        self._write(f"UPDATE jobs SET cancel_requested = 1 WHERE name = ? AND state NOT IN {TERMINAL_STATES!r}", (name,))
+
+    # ---- the trainer's updates ------------------------------------------------------------------
+
+    def started(self, name: str, num_steps: int, step: int) -> None:
+        self._write(
+            "UPDATE jobs SET state = 'running', started_at = COALESCE(started_at, ?), num_steps = ?, step = ? WHERE name = ?",
+            (time.time(), num_steps, step, name),
+        )
+
+    def progress(self, name: str, step: int, loss: float, tokens: int, tokens_per_s: float) -> None:
+        self._write(
+            "UPDATE jobs SET step = ?, loss = ?, tokens = ?, tokens_per_s = ? WHERE name = ?",
+            (step, loss, tokens, tokens_per_s, name),
+        )
+
+    def ended(self, name: str, state: str, failure: str | None = None, adapter_dir: str | None = None) -> None:
+        self._write(
+            "UPDATE jobs SET state = ?, failure = ?, adapter_dir = ?, ended_at = ? WHERE name = ?",
+            (state, failure, adapter_dir, time.time(), name),
+        )
+
+    # ---- logs -----------------------------------------------------------------------------------
+
+    def log(self, name: str, line: str) -> None:
+        self._write("INSERT INTO logs (name, at, line) VALUES (?, ?, ?)", (name, time.time(), line))
+
+    def logs(self, name: str) -> list[dict]:
+        rows = self._read("SELECT at, line FROM logs WHERE name = ? ORDER BY seq", (name,))
+        return [{"at": row["at"], "line": row["line"]} for row in rows]
+
+
+def _public(row: sqlite3.Row) -> dict:
+    record = {key: row[key] for key in _PUBLIC_FIELDS}
+    record["cancel_requested"] = bool(record["cancel_requested"])
+    record["eta_s"] = _eta(record)
+    return record
+
+
+def _eta(record: dict) -> float | None:
+    """Seconds left at the job's average pace since it first started (restarts included), for a running job."""
+    if record["state"] != "running" or not record["num_steps"] or not record["step"] or not record["started_at"]:
+        return None
+    elapsed = time.time() - record["started_at"]
+    return elapsed / record["step"] * (record["num_steps"] - record["step"])

@@ -1,0 +1,277 @@
+"""The service's driver of the training loop: jobs join and leave between planning windows.
+
+One thread (`run`) does all training: at each window's start it admits the jobs accepted since
+(putting their adapters on the model, or restoring them from their checkpoints after a restart),
+takes the window's plan (planned in the background during the previous window) and trains it,
+carrying out cancel requests between microbatches. Each job trains as if alone: its own data
+order, global batches, loss normalisation, optimizer and LR schedule (job_state.py), whatever
+trains beside it; and the windows hand it its global batches in order.
+
+Files under the state directory (besides store.py's database):
+    checkpoints/<job>/step-<k>/stage-0-of-1.pt   the job's checkpoints (checkpoints.py)
+    adapters/<job>/                              a finished job's adapter, PEFT format
+    base_model/                                  an inline base model, saved once
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from lorafusion.config import LoRAConfig
+from lorafusion.runtime.checkpoints import CheckpointStore
+from lorafusion.runtime.config import ConfigError, JobSpec
+from lorafusion.runtime.data import DataError, Sample
+from lorafusion.runtime.job_state import JobRun, load_job_samples, training_order
+from lorafusion.runtime.model import build_base_model
+from lorafusion.runtime.tokenizer import load_tokenizer
+from lorafusion.runtime.trainer import check_attention_window, save_inline_base_model
+from lorafusion.runtime.training_loop import TrainingLoop
+
+from .adapters import add_adapter, remove_adapter, target_problems
+from .config import ServerConfig, data_root_problems, parse_job
+from .store import DuplicateJob, JobStore
+from .windows import WindowPlanner, following_window, window_of
+
+ADAPTERS_DIR = "adapters"
+# Evaluation and early stopping belong to the offline trainer's end of run; the service would ignore them.
+UNSUPPORTED_JOB_KEYS = ("eval_data", "eval_fraction", "eval_every", "early_stopping_patience")
+
+
+class SubmissionError(Exception):
+    """A submitted job that cannot train here: (key, reason) problems, and the HTTP status."""
+
+    def __init__(self, problems: list[tuple[str, str]], status: int = 400):
+        self.problems, self.status = problems, status
+        super().__init__("; ".join(f"{key}: {reason}" for key, reason in problems))
+
+
+def data_digest(path: Path) -> str:
+    """A digest of the job's data (a file, or every file of a directory dataset)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+class ServiceTrainer(TrainingLoop):
+    def __init__(self, server: ServerConfig, store: JobStore, device: str | None = None):
+        training = server.training
+        self.server, self.store = server, store
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = load_tokenizer(training.tokenizer)
+        self.model = build_base_model(training.model, self.device)
+        if self.tokenizer.vocab_size > self.model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
+                f"{self.model.config.vocab_size}: set model.config.vocab_size >= {self.tokenizer.vocab_size}"
+            )
+        self.base_model_path = training.model.path or str(server.state_dir / "base_model")
+        if training.model.path is None:
+            save_inline_base_model(training.model, self.tokenizer, server.state_dir, keep_complete=True)
+        self.checkpoints = CheckpointStore(server.state_dir)
+        self.checkpoint_every = training.checkpoint_every
+        self.jobs: dict[str, JobRun] = {}
+        self.lora_configs: dict[str, LoRAConfig] = {}
+        self._admitted_at: dict[str, tuple[float, int]] = {}  # time and tokens_seen at admission
+        self._validated: dict[str, tuple[JobSpec, list[Sample]]] = {}  # by submit, for admission
+        self._model_lock = threading.Lock()  # the model's layers change when an adapter goes on
+        self._wake = threading.Event()  # a job was submitted or a cancel requested
+        self.stop_requested = threading.Event()
+        self._planner = WindowPlanner(training.scheduler)
+        self._window_index = 0
+
+    # ---- submissions (HTTP threads) ---------------------------------------------------------------
+
+    def lora_config(self, spec: JobSpec) -> LoRAConfig:
+        return LoRAConfig(
+            r=spec.r,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
+            use_rslora=spec.use_rslora,
+            target_modules=spec.target_modules,
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=self.base_model_path,
+            backend=self.server.training.backend,
+        )
+
+    def submit(self, entry: object) -> dict:
+        """Check a submitted job as far as it can be checked without training it, then record it
+        (queued, committed) and wake the trainer. Raises SubmissionError; changes nothing then."""
+        spec, samples = self.validate(entry)
+        digest = data_digest(spec.data)
+        self._validated[spec.name] = (spec, samples)
+        try:
+            record = self.store.add(spec.name, entry, digest)
+        except DuplicateJob:
+            self._validated.pop(spec.name, None)
+            raise SubmissionError([("name", f"a job named {spec.name!r} was already submitted")], status=409) from None
+        self._wake.set()
+        return record
+
+    def validate(self, entry: object, new_name: bool = True) -> tuple[JobSpec, list[Sample]]:
+        """The job's spec and samples, or SubmissionError with every problem found: its config
+        (403 for data outside data_roots, checked before anything reads the path), its name
+        (`new_name`: 409 if taken), its targets and rank against the base model, its data."""
+        outside = data_root_problems(entry, self.server.data_roots)
+        if outside:
+            raise SubmissionError(outside, status=403)
+        try:
+            spec = parse_job(entry, self.server)
+        except ConfigError as error:
+            raise SubmissionError(error.problems) from None
+        if new_name and self.store.exists(spec.name):
+            raise SubmissionError([("name", f"a job named {spec.name!r} was already submitted")], status=409)
+        problems = []
+        with self._model_lock:
+            problems += target_problems(self.model, self.lora_config(spec))
+        problems += [
+            (key, "not supported by lorafusion serve yet (train the job with lorafusion train)")
+            for key in UNSUPPORTED_JOB_KEYS
+            if getattr(spec, key, None) is not None
+        ]
+        try:
+            check_attention_window(self.model.config, [spec])
+        except ValueError as error:
+            problems.append(("max_seq_len", str(error)))
+        try:
+            samples = load_job_samples(spec, self.tokenizer)
+            training_order(len(samples), spec)
+        except (DataError, ValueError) as error:
+            problems.append(("data", str(error)))
+            samples = []
+        capacity = self.server.training.scheduler.capacity
+        too_long = [s.record for s in samples if len(s.input_ids) > capacity]
+        if too_long:
+            problems.append(("max_seq_len", f"records {too_long[:5]} are longer than scheduler.capacity={capacity} tokens"))
+        if problems:
+            raise SubmissionError(problems)
+        return spec, samples
+
+    def request_cancel(self, name: str) -> None:
+        self.store.request_cancel(name)
+        self._wake.set()
+
+    # ---- the training thread --------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Train until stop_requested: windows of the live jobs, idling while there are none."""
+        try:
+            while not self.stop_requested.is_set():
+                self._admit_and_cancel()
+                window = window_of(self.jobs, self.server.window_batches)
+                if not window:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                self._train_window(window)
+        finally:
+            self._planner.close()
+
+    def _train_window(self, window) -> None:
+        self._schedule = self._planner.plan(window)
+        self._planner.plan_ahead(following_window(self.jobs, self.server.window_batches, window))
+        self.dropout_seed_base = self.server.training.model.seed * 65_537 + self._window_index
+        self._window_index += 1
+        for position, microbatch in enumerate(self._schedule.microbatches):
+            if self.stop_requested.is_set():
+                return
+            if self._wake.is_set():  # arrivals join the next window: plan that one again now
+                self._admit_and_cancel()
+                self._planner.plan_ahead(following_window(self.jobs, self.server.window_batches, window))
+            refs = self.live_refs(microbatch)
+            if refs:
+                self._run_microbatch(position, refs)
+        self._retire_ended()
+
+    def _admit_and_cancel(self) -> None:
+        self._wake.clear()
+        for name, entry, digest, state, cancel in self.store.pending():
+            if name not in self.jobs:
+                if cancel:  # never trained in this process: its checkpoint, if any, stays as it is
+                    self._end(name, "cancelled")
+                    continue
+                self._admit(name, entry, digest)
+            elif cancel and self.jobs[name].status == "running":
+                self._cancel(self.jobs[name])
+        self._retire_ended()
+
+    def _admit(self, name: str, entry: dict, digest: str) -> None:
+        """Put the job's adapter on the model and prepare it; after a restart, continue it from its
+        newest checkpoint. A job whose data changed since it was accepted fails."""
+        try:
+            spec, samples = self._validated.pop(name, None) or self._revalidate(entry, digest)
+        except SubmissionError as error:
+            self._end(name, "failed", str(error))
+            return
+        job = JobRun(spec, samples=samples)
+        config = self.lora_config(spec)
+        with self._model_lock:
+            add_adapter(self.model, name, config, spec.seed)
+        self.lora_configs[name] = config
+        self.prepare_job(job)
+        self.jobs[name] = job
+        if job.status == "failed":
+            self._end(name, "failed", job.failure)
+            return
+        if self.checkpoints.restore(job):
+            self.store.log(name, f"resumed from its checkpoint at step {job.step}/{job.num_steps}")
+        self._admitted_at[name] = (time.perf_counter(), job.tokens_seen)
+        if job.status == "finished":  # killed between its last checkpoint and its adapter
+            self.publish_adapter(job)
+            return
+        self.store.started(name, job.num_steps, job.step)
+        self.store.log(name, f"training: {job.num_steps} steps of {spec.global_batch_size} samples")
+
+    def _revalidate(self, entry: dict, digest: str) -> tuple[JobSpec, list[Sample]]:
+        """An accepted job's spec and samples, read again after a restart."""
+        spec, samples = self.validate(entry, new_name=False)
+        if data_digest(spec.data) != digest:
+            raise SubmissionError([("data", f"{spec.data} changed since the job was accepted")])
+        return spec, samples
+
+    def _cancel(self, job: JobRun) -> None:
+        """Stop the job where it is: its checkpoint at its last completed step, loadable as any."""
+        job.status = "cancelled"
+        job.pending_loss, job.batch_loss, job.batch_tokens = None, 0.0, 0
+        job.optimizer.zero_grad(set_to_none=True)
+        self.checkpoints.save(job)
+        self._end(job.name, "cancelled")
+
+    def _end(self, name: str, state: str, failure: str | None = None, adapter_dir: str | None = None) -> None:
+        self.store.ended(name, state, failure, adapter_dir)
+        self.store.log(name, f"{state}" + (f": {failure}" if failure else "") + (f"; adapter in {adapter_dir}" if adapter_dir else ""))
+
+    def _retire_ended(self) -> None:
+        """Take ended jobs' adapters off the model: their memory goes."""
+        for name in [name for name, job in self.jobs.items() if job.status != "running"]:
+            del self.jobs[name]
+            with self._model_lock:
+                remove_adapter(self.model, name)
+
+    # ---- training-loop hooks --------------------------------------------------------------------
+
+    def _log_step(self, job: JobRun) -> None:
+        started, tokens = self._admitted_at[job.name]
+        elapsed = time.perf_counter() - started
+        rate = (job.tokens_seen - tokens) / elapsed if elapsed > 0 else 0.0
+        self.store.progress(job.name, job.step, job.batch_loss, job.tokens_seen, rate)
+        self.store.log(job.name, f"step {job.step}/{job.num_steps} loss {job.batch_loss:.4f} tokens {job.batch_tokens} tokens/s {rate:.0f}")
+
+    def _write_status(self, job: JobRun) -> None:
+        if job.status == "failed":
+            self._end(job.name, "failed", job.failure)
+
+    def publish_adapter(self, job: JobRun) -> Path:
+        target = self.server.state_dir / ADAPTERS_DIR / job.name
+        self.checkpoints.publish_adapter(job, self.lora_configs[job.name].to_peft_dict(), target)
+        self._end(job.name, "finished", adapter_dir=str(target))
+        return target

@@ -1,0 +1,55 @@
+"""kill -9 of `lorafusion serve`, then `lorafusion serve` again: every accepted job goes on from
+its last checkpoint and ends with the adapter it would have had without the kill (that of
+training it alone). A real subprocess, killed with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from lorafusion.service.client import ServiceClient
+from service_fixtures import alone_adapter, assert_adapters_close, job_entry, server_dict, service_adapter, wait_for
+
+
+def start_serve(config_path, log_path) -> tuple[subprocess.Popen, ServiceClient]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lorafusion.cli", "serve", str(config_path), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=open(log_path, "a"), text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    line = process.stdout.readline()
+    assert "listening on" in line, (line, log_path.read_text()[-3000:])
+    return process, ServiceClient(line.split("listening on ")[1].split()[0], timeout_s=60)
+
+
+def test_kill_9_and_restart_loses_nothing(tmp_path):
+    config_path = tmp_path / "server.yaml"
+    config_path.write_text(json.dumps(server_dict(tmp_path)))
+    add, rev = job_entry(tmp_path, "add", max_steps=10), job_entry(tmp_path, "rev", max_steps=12)
+    log = tmp_path / "serve.log"
+
+    process, client = start_serve(config_path, log)
+    client.submit(add)
+    client.submit(rev)
+    process.send_signal(signal.SIGKILL)  # accepted, perhaps not yet trained at all
+    process.wait()
+
+    process, client = start_serve(config_path, log)
+    wait_for(lambda: client.job("rev")["step"] >= 3, what="rev's step 3")
+    process.send_signal(signal.SIGKILL)  # mid-run: rev has a checkpoint at step 2
+    process.wait()
+    killed_at = {name: (tmp_path / "state" / "checkpoints" / name).is_dir() for name in ("add", "rev")}
+
+    process, client = start_serve(config_path, log)
+    try:
+        wait_for(lambda: all(client.job(n)["state"] == "finished" for n in ("add", "rev")), what="both jobs to finish")
+        logs = [line["line"] for line in client.logs("rev")]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
+    assert killed_at["rev"]
+    assert any(line.startswith("resumed from its checkpoint at step") for line in logs), logs
+    for entry in (add, rev):
+        assert_adapters_close(service_adapter(tmp_path / "state", entry["name"]), alone_adapter(tmp_path, entry))

@@ -13,8 +13,8 @@ import yaml
 
 from training_fixtures import config_dict
 
-# Top-level modules of the `pipeline` and `dev` extras (and accelerate, which peft brings).
-EXTRAS = ("deepspeed", "megatron", "peft", "accelerate", "pytest", "hypothesis", "xdist", "pytest_benchmark")
+# Top-level modules of the `pipeline`, `data` and `dev` extras (and accelerate, which peft brings).
+EXTRAS = ("deepspeed", "megatron", "peft", "accelerate", "pytest", "hypothesis", "xdist", "pytest_benchmark", "datasets", "pyarrow")
 
 # Runs the CLI with `hidden` made uninstalled: every import finder answers "not found" for them, as
 # in an environment without the extras; prints the top-level modules imported, as JSON, last.

@@ -86,6 +86,39 @@ def all_jobs_empty(tmp: Path) -> list[str]:
     return ["train", str(write(tmp / "config.yaml", yaml.safe_dump(data))), "--no-progress"]
 
 
+def one_job(tmp: Path, change) -> list[str]:
+    """`train` on the "add" job alone, its keys changed by `change(job, tmp)`."""
+    data = config_dict(tmp, jobs=("add",))
+    change(data["jobs"][0], tmp)
+    return ["train", str(write(tmp / "config.yaml", yaml.safe_dump(data))), "--no-progress"]
+
+
+def parquet_with_a_null(job: dict, tmp: Path) -> None:
+    import pyarrow
+    import pyarrow.parquet
+
+    table = pyarrow.table({"question": ["1+1=", "2+2=", "3+3=", None], "answer": ["2", "4", "6", "8"]})
+    pyarrow.parquet.write_table(table, tmp / "add.parquet")
+    job.update(data=str(tmp / "add.parquet"), columns={"prompt": "question", "completion": "answer"})
+
+
+def chat_without_template(job: dict, tmp: Path) -> None:
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    job.update(data=str(write(tmp / "chat.jsonl", json.dumps({"messages": messages}) + "\n")), format="messages")
+
+
+def bad_eval_record(job: dict, tmp: Path) -> None:
+    job.update(eval_data=str(write(tmp / "eval.jsonl", '{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2="}\n')))
+
+
+def dataset_dict(job: dict, tmp: Path) -> None:
+    import datasets
+
+    split = datasets.Dataset.from_list([{"prompt": "1+1=", "completion": "2"}])
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp / "splits"))
+    job.update(data=str(tmp / "splits"))
+
+
 # ---- the table: (id, argv builder, exit code, text the message line must contain) ----------------
 
 CASES = [
@@ -135,6 +168,14 @@ CASES = [
     ("train-model-seed-2-70", lambda t: train_config_dict(t, lambda data: data.update(model={**data["model"], "seed": 2**70})), 2, ["model.seed"]),
     ("train-alias-bomb-target-modules", alias_bomb_in_target_modules, 2, ["config.yaml", "aliases"]),
     ("train-every-job-empty", all_jobs_empty, 2, ["no job can train", "'add'", "'txt'", "add.jsonl", "no records"]),
+    ("train-columns-not-a-field", lambda t: train_config(t, columns={"answer": "a"}), 2, ["jobs[0].columns.answer", "not a field of format prompt_completion"]),
+    ("train-eval-every-without-eval-records", lambda t: train_config(t, eval_every=5), 2, ["jobs[0].eval_every", "eval_data or eval_fraction"]),
+    # datasets and conversations that cannot train: the file (and row or line) named
+    ("train-parquet-null-row", lambda t: one_job(t, parquet_with_a_null), 2, ["no job can train", "add.parquet, row 3", 'field "question" must be a string, got null']),
+    ("train-dataset-dict", lambda t: one_job(t, dataset_dict), 2, ["splits: holds a DatasetDict (splits: test, train)", "give one split's directory"]),
+    ("train-messages-without-chat-template", lambda t: one_job(t, chat_without_template), 2, ["chat.jsonl", "format messages needs a tokenizer with a chat template"]),
+    ("train-eval-fraction-leaves-nothing", lambda t: one_job(t, lambda job, _: job.update(eval_fraction=0.99)), 2, ["add.jsonl", "eval_fraction=0.99 of 40 records leaves none to train on"]),
+    ("train-bad-eval-record", lambda t: one_job(t, bad_eval_record), 2, ["no job can train", "eval.jsonl, line 2", 'missing field "completion"']),
     # a bad record stops only its job, named with its file and line
     ("train-bad-records", bad_records, 1, ["job 'add' failed", "add.jsonl, line 41", "surrogate"]),
     ("train-bad-records-deep", bad_records, 1, ["job 'rev' failed", "rev.jsonl, line 41", "nested too deeply"]),

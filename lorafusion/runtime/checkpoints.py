@@ -18,6 +18,7 @@ import torch
 
 from lorafusion.adapters import write_adapter_directory
 
+from .eval_loss import published_parameters
 from .job_state import JobRun
 from .output_dir import CHECKPOINTS_DIR, discard, publish_files, refuse_links, staging_directory, write_atomically
 from .run_state import warn
@@ -102,14 +103,15 @@ class CheckpointStore:
 
     def publish_adapter(self, job: JobRun, peft_config: dict, target: Path) -> None:
         """Write the job's final adapter (PEFT format) to `target`, assembled from the stage files
-        of its last step, and published whole (see output_dir.publish_files)."""
+        of its last step (its step at an early stop), and published whole (see
+        output_dir.publish_files). Under early stopping it is the adapter of the job's best eval."""
         state = load_stage_files(self.latest_complete(job.name))
-        if state["step"] != job.num_steps:
-            raise RuntimeError(f"job {job.name!r}: the newest complete checkpoint is step {state['step']}, not the last step")
+        if state["step"] != job.step:
+            raise RuntimeError(f"job {job.name!r}: the newest complete checkpoint is step {state['step']}, not the last step {job.step}")
         refuse_links(self.root, target)
         staging = staging_directory(target)
         try:
-            write_adapter_directory(state["parameters"], peft_config, staging / "adapter")
+            write_adapter_directory(published_parameters(state), peft_config, staging / "adapter")
             publish_files(staging / "adapter", target, root=self.root)
         finally:
             discard(staging)
@@ -128,4 +130,5 @@ def load_stage_files(files: list[Path]) -> dict:
         merged["optimizer"].update(state["optimizer"])
         for key in ("step", "tokens_seen", "last_loss", "lr_scheduler"):
             merged[key] = state[key]
+        merged["evaluation"] = state.get("evaluation")  # the eval state (single-process runs: one stage)
     return merged

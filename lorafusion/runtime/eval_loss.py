@@ -96,6 +96,7 @@ class JobEvaluation:
         self.evals_since_best = 0
         # The adapter of the best eval so far, by PEFT key (kept only with early stopping).
         self.best_parameters: dict[str, torch.Tensor] | None = None
+        self.stopped = False  # patience ran out: the job stops at this step
 
     def due(self, step: int, num_steps: int) -> bool:
         return step == num_steps or (self.every is not None and step % self.every == 0)
@@ -112,7 +113,8 @@ class JobEvaluation:
                 self.best_parameters = {key: p.detach().cpu().clone() for key, p in parameters.items()}
         else:
             self.evals_since_best += 1
-        return self.patience is not None and self.evals_since_best >= self.patience
+        self.stopped = self.patience is not None and self.evals_since_best >= self.patience
+        return self.stopped
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps, so a resumed run stops (and publishes) as an uninterrupted one."""
@@ -121,11 +123,13 @@ class JobEvaluation:
             "best_step": self.best_step,
             "evals_since_best": self.evals_since_best,
             "best_parameters": self.best_parameters,
+            "stopped": self.stopped,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.best_loss, self.best_step = state["best_loss"], state["best_step"]
         self.evals_since_best, self.best_parameters = state["evals_since_best"], state["best_parameters"]
+        self.stopped = state["stopped"]
 
 
 def published_parameters(checkpoint: dict) -> dict[str, torch.Tensor]:

@@ -11,12 +11,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import MAX_SAMPLES_PER_JOB, JobSpec
-from .data import Sample, load_jsonl_dataset
+from .data import Sample
+from .eval_loss import JobEvaluation, job_samples
 
 
 def load_job_samples(spec: JobSpec, tokenizer) -> list[Sample]:
-    """The job's training samples, tokenized and cut to its max_seq_len (raises DataError)."""
-    return load_jsonl_dataset(spec.data, spec.format, tokenizer, spec.max_seq_len)
+    """The job's training samples, tokenized and cut to its max_seq_len, without the share its
+    eval_fraction holds out (raises DataError); eval_loss.job_samples gives both."""
+    return job_samples(spec, tokenizer)[0]
 
 
 def training_order(num_samples: int, spec: JobSpec) -> list[int]:
@@ -86,6 +88,12 @@ class JobRun:
     last_loss: float = math.nan
     published: bool = False  # its adapter and finished status are in output_dir (this run's)
     named_parameters: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # by PEFT key, this stage's
+    evaluation: JobEvaluation | None = None  # with held-out records (eval_data or eval_fraction)
+    step_eval_loss: float | None = None  # the eval loss at the step just taken, if it was evaluated
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.evaluation is not None and self.evaluation.stopped
 
     @property
     def name(self) -> str:
@@ -169,6 +177,7 @@ class JobRun:
             "parameters": {key: param.detach().cpu().clone() for key, param in self.named_parameters.items()},
             "optimizer": optimizer_state,
             "lr_scheduler": self.lr_scheduler.state_dict(),
+            "evaluation": None if self.evaluation is None else self.evaluation.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -185,7 +194,9 @@ class JobRun:
         for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
             group["lr"] = lr
         self.step, self.tokens_seen, self.last_loss = state["step"], state["tokens_seen"], state["last_loss"]
+        if self.evaluation is not None and state.get("evaluation") is not None:
+            self.evaluation.load_state_dict(state["evaluation"])
         for g in range(self.step):
             self.remaining[g] = 0
-        if self.step == self.num_steps:
+        if self.step == self.num_steps or self.stopped_early:
             self.status = "finished"

@@ -18,16 +18,6 @@ def truncated_samples(samples, max_seq_len: int, eos_token_id: int) -> int:
     return sum(1 for s in samples if len(s.input_ids) == max_seq_len and s.input_ids[-1] != eos_token_id)
 
 
-def check_eval_data(trainer) -> None:
-    """Read every job's eval_data before training, so that a bad record stops the run at once
-    (a DataError naming file and line) rather than after it."""
-    from .evaluation import read_prompt_file
-
-    for job in trainer.jobs.values():
-        if job.spec.eval_data is not None:
-            read_prompt_file(job.spec.eval_data, need_completion=True)
-
-
 def warn_truncated(trainer) -> None:
     """One line at the start of a run naming each job that has samples cut by max_seq_len: their
     completions (or texts) lose their ends, and the model never learns to stop."""

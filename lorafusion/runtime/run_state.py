@@ -31,6 +31,7 @@ def status_record(run_id: str, job) -> dict:
         "num_steps": job.num_steps,
         "tokens_seen": job.tokens_seen,
         "last_loss": None if math.isnan(job.last_loss) else job.last_loss,
+        "stopped_early": job.stopped_early,  # finished before its last step (early stopping)
     }
 
 

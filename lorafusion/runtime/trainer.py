@@ -19,7 +19,6 @@ Files under output_dir:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -35,7 +34,9 @@ from lorafusion.scheduler import Job, Schedule
 from .checkpoints import CheckpointStore
 from .config import TrainConfig
 from .data import DataError
-from .job_state import JobRun, load_job_samples, lr_lambda, training_order
+from .data_sources import data_digest
+from .eval_loss import JobEvaluation, job_samples
+from .job_state import JobRun, lr_lambda, training_order
 from .model import build_base_model
 from .output_dir import (
     BASE_MODEL_DIR,
@@ -56,7 +57,7 @@ from .output_dir import (
 from .planning import plan_microbatches
 from .progress import Progress, shows_summary
 from .run_directory import RUN_ENTRIES, RunDirectory, run_id_of
-from .run_report import add_job_report, check_eval_data, job_rows, warn_truncated
+from .run_report import add_job_report, job_rows, warn_truncated
 from .run_state import read_metrics, read_status, status_record, warn
 from .tokenizer import load_tokenizer
 from .training_loop import TrainingLoop
@@ -135,10 +136,6 @@ def save_inline_base_model(model_spec, tokenizer, root: Path, keep_complete: boo
     return target
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 class MultiJobTrainer(TrainingLoop):
     """Trains every job of `config` together; see the module docstring for the outputs."""
 
@@ -162,9 +159,13 @@ class MultiJobTrainer(TrainingLoop):
         for spec in config.jobs:
             job = JobRun(spec)
             try:
-                job.samples = load_job_samples(spec, self.tokenizer)
+                job.samples, eval_samples = job_samples(spec, self.tokenizer)
             except DataError as error:
                 job.status, job.failure = "failed", str(error)
+            else:
+                # The eval loss needs the whole model in one process (config.py refuses eval_every otherwise).
+                if eval_samples and config.parallel.engine == "none":
+                    job.evaluation = JobEvaluation(spec, eval_samples, config.scheduler.capacity)
             self.jobs[spec.name] = job
         if all(job.status == "failed" for job in self.jobs.values()):
             raise self._no_job_can_train()
@@ -213,7 +214,7 @@ class MultiJobTrainer(TrainingLoop):
         pipeline layout; a resumed run with other ones plans again)."""
         return {
             "jobs": {
-                name: {"data": _file_digest(Path(job.spec.data)), "spec": {k: str(v) for k, v in vars(job.spec).items()}}
+                name: {"data": _data_digests(job.spec), "spec": {k: str(v) for k, v in vars(job.spec).items()}}
                 for name, job in self.jobs.items()
             },
             "scheduler": {k: str(v) for k, v in vars(self.config.scheduler).items() if k != "time_limit_s"},
@@ -277,7 +278,7 @@ class MultiJobTrainer(TrainingLoop):
         if status is not None and status["status"] == "failed":
             job.status, job.failure = "failed", status.get("failure")
             return
-        if status is not None and status["step"] == job.num_steps:
+        if status is not None and (status["step"] == job.num_steps or status.get("stopped_early")):
             job.status, job.published, job.step = "finished", True, status["step"]
             job.tokens_seen = status["tokens_seen"]
             job.last_loss = math.nan if status.get("last_loss") is None else float(status["last_loss"])
@@ -336,7 +337,6 @@ class MultiJobTrainer(TrainingLoop):
     def begin(self, resume: bool, schedule: Schedule | None = None) -> Schedule:
         """Set up the run's files, plan (or reload) the schedule, restore checkpoints on --resume."""
         self._started = time.perf_counter()
-        check_eval_data(self)
         if self.is_reporter:
             warn_truncated(self)
         schedule = self.prepare_run(resume, schedule)
@@ -423,11 +423,14 @@ class MultiJobTrainer(TrainingLoop):
             "tokens_per_s": (job.tokens_seen - self._tokens_at_start.get(job.name, 0)) / elapsed if elapsed > 0 else 0.0,
             "elapsed_s": elapsed,
         }
+        if job.step_eval_loss is not None:
+            record["eval_loss"] = job.step_eval_loss
         append_line(self.output_dir / METRICS_FILE, json.dumps(record) + "\n", root=self.output_dir)
         if self._tensorboard is not None:
-            for key in ("loss", "lr", "tokens_per_s"):
-                self._tensorboard.add_scalar(f"{job.name}/{key}", record[key], job.step)
-        self._progress.step(job.name, job.step, job.num_steps, job.last_loss, record["tokens_per_s"])
+            for key in ("loss", "lr", "tokens_per_s", "eval_loss"):
+                if key in record:
+                    self._tensorboard.add_scalar(f"{job.name}/{key}", record[key], job.step)
+        self._progress.step(job.name, job.step, job.num_steps, job.last_loss, record["tokens_per_s"], job.step_eval_loss)
 
     # ---- reporting ------------------------------------------------------------------------------
 
@@ -448,6 +451,12 @@ class MultiJobTrainer(TrainingLoop):
         return TrainResult(
             summaries, microbatches, time.perf_counter() - self._started, interrupted, tokens_this_process, self._resumed
         )
+
+
+def _data_digests(spec) -> str:
+    """The job's data (and eval_data, which early stopping makes part of its result), hashed."""
+    digest = data_digest(spec.data)
+    return digest if spec.eval_data is None else f"{digest}+{data_digest(spec.eval_data)}"
 
 
 def print_summary(result: TrainResult) -> None:

@@ -177,17 +177,35 @@ class TrainingLoop:
             return
         job.step += 1
         job.last_loss = job.batch_loss
+        self._evaluate(job)
         if self.is_reporter:
             self._log_step(job)
         job.batch_loss, job.batch_tokens = 0.0, 0
         every = self.checkpoint_every
-        if job.step == job.num_steps:
+        if job.step == job.num_steps or job.stopped_early:
             job.status = "finished"
             self.save_checkpoint(job)
+            if job.evaluation is not None and job.evaluation.best_parameters is not None:
+                self._load_best_adapter(job)
             if self.publishes_when_finished:
                 self.publish_adapter(job)
         elif every and job.step % every == 0:
             self.save_checkpoint(job)
+
+    def _evaluate(self, job: JobRun) -> None:
+        """The job's eval loss when an eval is due at its step (eval_loss.py), into step_eval_loss;
+        it may stop the job early."""
+        job.step_eval_loss = None
+        if job.evaluation is not None and job.evaluation.due(job.step, job.num_steps):
+            job.step_eval_loss = job.evaluation.loss(self.model, job.name, self.device)
+            job.evaluation.record(job.step, job.step_eval_loss, job.named_parameters)
+
+    def _load_best_adapter(self, job: JobRun) -> None:
+        """A finished job under early stopping keeps the adapter of its best eval, in the model too
+        (what the closing summary's accuracy then scores is what was published)."""
+        with torch.no_grad():
+            for key, parameter in job.named_parameters.items():
+                parameter.copy_(job.evaluation.best_parameters[key])
 
     def _fail(self, job: JobRun, reason: str) -> None:
         job.fail(reason)

@@ -1,6 +1,6 @@
 """The closing summary's per-job report: samples cut by max_seq_len (warned once at the start,
 counted at the end), first and last loss, eval accuracy on eval_data, and a bad eval_data record
-stopping the run before any training."""
+stopping its job before any training."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from lorafusion.runtime.data import DataError
 from lorafusion.runtime.trainer import MultiJobTrainer
 from training_fixtures import make_config
 
@@ -41,13 +40,17 @@ def test_eval_accuracy_in_the_result(tmp_path: Path) -> None:
     assert 0.0 <= result.jobs["add"].eval_accuracy <= 1.0
 
 
-def test_bad_eval_data_stops_the_run_before_training(tmp_path: Path) -> None:
+def test_bad_eval_data_stops_its_job_before_training(tmp_path: Path) -> None:
     import dataclasses
 
-    config = make_config(tmp_path, jobs=("add",), checkpoint_every=0)
+    config = make_config(tmp_path, jobs=("add", "txt"), checkpoint_every=0)
     eval_file = tmp_path / "bad_eval.jsonl"
     eval_file.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2="}\n')
-    config = dataclasses.replace(config, jobs=[dataclasses.replace(config.jobs[0], eval_data=eval_file)])
-    with pytest.raises(DataError, match=r"bad_eval.jsonl, line 2: missing field \"completion\""):
-        MultiJobTrainer(config, device="cpu", progress=False).train()
+    alone = dataclasses.replace(config, jobs=[dataclasses.replace(config.jobs[0], eval_data=eval_file)])
+    with pytest.raises(ValueError, match=r"no job can train: job 'add': .*bad_eval.jsonl, line 2: missing field \"completion\""):
+        MultiJobTrainer(alone, device="cpu", progress=False)
     assert not (config.output_dir / "metrics.jsonl").exists()
+    both = dataclasses.replace(config, jobs=[alone.jobs[0], config.jobs[1]])
+    result = MultiJobTrainer(both, device="cpu", progress=False).train()
+    assert result.jobs["add"].status == "failed" and "bad_eval.jsonl, line 2" in result.jobs["add"].failure
+    assert result.jobs["txt"].status == "finished" and result.jobs["add"].steps == 0

@@ -10,6 +10,9 @@ loop sees the same SampleRefs as in an offline run."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -76,6 +79,18 @@ def plan_window(window: Window, spec: SchedulerSpec) -> Schedule:
     return Schedule(stages=1, capacity=local.capacity, pad_multiple=local.pad_multiple, microbatches=microbatches)
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """In the worker: end when the service does, however it ends (a kill -9 would otherwise leave
+    the worker waiting on its queue for ever)."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="lorafusion-plan-watch", daemon=True).start()
+
+
 def _ready() -> None:
     """Nothing: submitted first, so that the worker is up before the first window."""
 
@@ -86,7 +101,12 @@ class WindowPlanner:
 
     def __init__(self, spec: SchedulerSpec):
         self.spec = spec
-        self._executor = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self._executor = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_exit_with_parent,
+            initargs=(os.getpid(),),
+        )
         self._executor.submit(_ready)  # the worker starts (imports) now, while the base model loads
         self._ahead: tuple[Window, Future] | None = None
 

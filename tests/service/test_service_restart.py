@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from lorafusion.service.client import ServiceClient
 from service_fixtures import alone_adapter, assert_adapters_close, job_entry, server_dict, service_adapter, wait_for
@@ -24,6 +25,27 @@ def start_serve(config_path, log_path) -> tuple[subprocess.Popen, ServiceClient]
     return process, ServiceClient(line.split("listening on ")[1].split()[0], timeout_s=60)
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_9(process: subprocess.Popen) -> None:
+    """SIGKILL the service; its planner worker must not outlive it."""
+    workers = children(process.pid)
+    assert workers  # the planner worker (started with the service) and multiprocessing's resource tracker
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30, "the planner worker to end")
+
+
 def test_kill_9_and_restart_loses_nothing(tmp_path):
     config_path = tmp_path / "server.yaml"
     config_path.write_text(json.dumps(server_dict(tmp_path)))
@@ -33,13 +55,11 @@ def test_kill_9_and_restart_loses_nothing(tmp_path):
     process, client = start_serve(config_path, log)
     client.submit(add)
     client.submit(rev)
-    process.send_signal(signal.SIGKILL)  # accepted, perhaps not yet trained at all
-    process.wait()
+    kill_9(process)  # accepted, perhaps not yet trained at all
 
     process, client = start_serve(config_path, log)
     wait_for(lambda: client.job("rev")["step"] >= 3, what="rev's step 3")
-    process.send_signal(signal.SIGKILL)  # mid-run: rev has a checkpoint at step 2
-    process.wait()
+    kill_9(process)  # mid-run: rev has a checkpoint at step 2
     killed_at = {name: (tmp_path / "state" / "checkpoints" / name).is_dir() for name in ("add", "rev")}
 
     process, client = start_serve(config_path, log)

@@ -115,3 +115,12 @@ class CostModel:
     def default(cls) -> CostModel:
         """Llama-3.1-8B on H100 with activation checkpointing (:meth:`preset`)."""
         return cls.preset("llama-3.1-8b")
+
+
+def stage_work_s(cost: CostModel, stages: int, tokens: int, microbatches: int, optimizer_steps: int) -> float:
+    """Time one stage spends on ``microbatches`` holding ``tokens`` sample tokens in all (forward and
+    backward, activation-checkpointing recompute included) plus ``optimizer_steps`` optimizer steps.
+    The cost model is linear in tokens, so only the totals matter."""
+    one = cost.stage_forward_s(1, stages) + cost.stage_backward_s(1, stages)
+    per_token = cost.stage_forward_s(2, stages) + cost.stage_backward_s(2, stages) - one
+    return microbatches * one + (tokens - microbatches) * per_token + optimizer_steps * cost.optimizer_step_s / stages

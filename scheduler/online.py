@@ -17,6 +17,12 @@ simulator (:mod:`~lorafusion.scheduler.simulator`) with one cost model; the boun
   drains at every window boundary (no overlap of a window's tail with the next one's head is
   credited, so S > 1 pays S - 1 microbatch slots per window), and planning costs no training time
   (the service plans the next window in the background while the current one trains).
+* :func:`planning_windows` with ``admission=SizeAware(...)`` - the same service, but each window
+  plans only the live jobs that :func:`~lorafusion.scheduler.admission.select_window_jobs` picks:
+  least remaining work first, as many as keep the pipeline's stages busy, and none left out for
+  more than ``max_wait_windows`` windows in a row. Planning every live job shares the pipeline
+  like processor sharing, which loses to FIFO on mean completion time when job sizes vary little;
+  the size-aware admission is SRPT-like instead.
 * :func:`offline_bound` - a lower bound that no policy beats, even one that knows every arrival
   in advance: per job, its global batches one after another, each at least its stage-0 work and
   its longest sample's round trip through the pipeline; for the makespan, the work still to come
@@ -32,9 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .admission import DEFAULT_MAX_WAIT_WINDOWS, LiveJob, select_window_jobs, windows_waited
 from .baselines import MEGATRON_MICRO_BATCH_SIZE, packed_microbatches
 from .core import Job, Microbatch, Schedule, ScheduleError
-from .cost_model import CostModel
+from .cost_model import CostModel, stage_work_s
 from .planner import PlanOptions, plan_schedule
 from .simulator import job_finish_times, simulate
 from .verify import verify_schedule
@@ -46,6 +53,19 @@ TrainedSample = tuple[str, int]  # (job name, sample index in the job's dataset 
 class Arrival:
     job: Job
     at_s: float
+
+
+@dataclass(frozen=True)
+class SizeAware:
+    """The service's size-aware admission: each window plans only the live jobs that
+    :func:`~lorafusion.scheduler.admission.select_window_jobs` picks (least remaining work first,
+    as many as keep the pipeline full, none left out more than ``max_wait_windows`` in a row)."""
+
+    max_wait_windows: int = DEFAULT_MAX_WAIT_WINDOWS
+
+    @property
+    def label(self) -> str:
+        return f"service, least work first, wait <= {self.max_wait_windows}"
 
 
 @dataclass(frozen=True)
@@ -184,14 +204,18 @@ def window_slice(job: Job, first_batch: int, num_batches: int) -> Job:
     return Job(job.name, min(job.global_batch_size, len(lengths)), lengths)
 
 
-def planning_windows(arrivals: Sequence[Arrival], window: int, options: PlanOptions) -> OnlineResult:
-    """The service: windows of ``window`` global batches over the live jobs (see module docstring)."""
+def planning_windows(
+    arrivals: Sequence[Arrival], window: int, options: PlanOptions, admission: SizeAware | None = None
+) -> OnlineResult:
+    """The service: windows of ``window`` global batches over the live jobs (see module docstring);
+    with ``admission``, over those :func:`~lorafusion.scheduler.admission.select_window_jobs` picks."""
     if window < 1:
         raise ScheduleError(f"window must be >= 1 global batch, got {window}")
     o = options
     cost = _cost(o)
     pending = _in_arrival_order(arrivals)
     next_batch: dict[str, int] = {}
+    waited: dict[str, int] = {}
     live: list[Job] = []
     clock, finish, trained, windows = 0.0, {}, [], 0
     while pending or live:
@@ -201,27 +225,32 @@ def planning_windows(arrivals: Sequence[Arrival], window: int, options: PlanOpti
             job = pending.pop(0).job
             live.append(job)
             next_batch[job.name] = 0
-        slices = [window_slice(job, next_batch[job.name], window) for job in live]
+        chosen = list(live)
+        if admission is not None:
+            names = select_window_jobs(
+                [_live_job(j, next_batch[j.name], waited.get(j.name, 0)) for j in live],
+                o.stages, o.capacity, window, cost, admission.max_wait_windows,
+            )  # fmt: skip
+            waited = windows_waited(waited, [j.name for j in live], names)
+            chosen = [j for j in live if j.name in names]
+        slices = [window_slice(job, next_batch[job.name], window) for job in chosen]
         schedule = _plan(slices, o)
         ends = job_finish_times(schedule.microbatches, o.stages, cost)
-        trained += _trained(schedule.microbatches, {j.name: next_batch[j.name] * j.global_batch_size for j in live})
-        for job, part in zip(list(live), slices):
+        trained += _trained(schedule.microbatches, {j.name: next_batch[j.name] * j.global_batch_size for j in chosen})
+        for job, part in zip(chosen, slices):
             next_batch[job.name] += part.num_global_batches
             if next_batch[job.name] == job.num_global_batches:
                 finish[job.name] = clock + ends[job.name]
                 live.remove(job)
         clock += max(ends.values())
         windows += 1
-    return _result(f"service (window {window})", _in_arrival_order(arrivals), finish, clock, trained, windows)
+    policy = f"service (window {window})" if admission is None else f"{admission.label} (window {window})"
+    return _result(policy, _in_arrival_order(arrivals), finish, clock, trained, windows)
 
 
-def stage_work_s(cost: CostModel, stages: int, tokens: int, microbatches: int, optimizer_steps: int) -> float:
-    """Time one stage spends on ``microbatches`` holding ``tokens`` sample tokens in all (forward and
-    backward, activation-checkpointing recompute included) plus ``optimizer_steps`` optimizer steps.
-    The cost model is linear in tokens, so only the totals matter."""
-    one = cost.stage_forward_s(1, stages) + cost.stage_backward_s(1, stages)
-    per_token = cost.stage_forward_s(2, stages) + cost.stage_backward_s(2, stages) - one
-    return microbatches * one + (tokens - microbatches) * per_token + optimizer_steps * cost.optimizer_step_s / stages
+def _live_job(job: Job, next_batch: int, windows_waited: int) -> LiveJob:
+    remaining = job.lengths[next_batch * job.global_batch_size :]
+    return LiveJob(job.name, sum(remaining), job.num_global_batches - next_batch, windows_waited)
 
 
 def global_batch_lower_bound_s(job: Job, global_batch: int, stages: int, cost: CostModel) -> float:

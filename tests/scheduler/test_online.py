@@ -18,6 +18,7 @@ from lorafusion.scheduler import (
 from lorafusion.scheduler.core import ScheduleError
 from lorafusion.scheduler.online import (
     Arrival,
+    SizeAware,
     fifo,
     megatron_alone,
     offline_bound,
@@ -60,6 +61,8 @@ def all_policies(arrivals: list[Arrival], stages: int):
         fifo(arrivals, planned, "fifo-planned"),
         planning_windows(arrivals, 1, o),
         planning_windows(arrivals, 3, o),
+        planning_windows(arrivals, 2, o, SizeAware(max_wait_windows=2)),
+        planning_windows(arrivals, 2, o, SizeAware()),
     ]
 
 
@@ -131,12 +134,53 @@ def test_short_jobs_behind_a_long_one_finish_sooner_in_the_service(stages):
     rng = np.random.default_rng(7)
     arrivals = [Arrival(random_job("long", 30, rng, global_batch_size=16), 0.0)]
     arrivals += [Arrival(random_job(f"short{k}", 1, rng, global_batch_size=16), 0.01 * (k + 1)) for k in range(3)]
-    fifo_megatron, fifo_planned, service, _ = all_policies(arrivals, stages)
+    fifo_megatron, fifo_planned, service, *_ = all_policies(arrivals, stages)
     for alone in (fifo_megatron, fifo_planned):
         assert service.mean_jct_s < 0.5 * alone.mean_jct_s, (alone.policy, service.mean_jct_s, alone.mean_jct_s)
         # Each short job ends within a few windows in the service, instead of after the long job.
         for k in range(3):
             assert service.finish_s[f"short{k}"] < alone.finish_s["long"]
+
+
+def test_on_one_stage_the_size_aware_service_runs_the_least_work_first_not_side_by_side():
+    rng = np.random.default_rng(9)
+    big, small = random_job("big", 8, rng, global_batch_size=8), random_job("small", 4, rng, global_batch_size=8)
+    arrivals = [Arrival(big, 0.0), Arrival(small, 0.0)]
+    o = options(1)
+    shared = planning_windows(arrivals, 2, o)
+    size_aware = planning_windows(arrivals, 2, o, SizeAware())
+    assert size_aware.policy == "service, least work first, wait <= 64 (window 2)"
+    # small trains alone first (2 windows), then big alone (4): each finishes as if run back to back.
+    assert size_aware.windows == 6
+    alone = {j.name: planned_alone(j, o).duration_s for j in (big, small)}
+    assert size_aware.finish_s["small"] == pytest.approx(alone["small"], rel=0.02)
+    assert size_aware.finish_s["big"] == pytest.approx(alone["small"] + alone["big"], rel=0.02)
+    # Side by side, small waits for big's share of every window; the total work is the same.
+    assert shared.finish_s["small"] > 1.5 * size_aware.finish_s["small"]
+    assert size_aware.mean_jct_s < shared.mean_jct_s
+    assert size_aware.makespan_s == pytest.approx(shared.makespan_s, rel=0.02)
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_a_long_job_finishes_under_a_steady_stream_of_short_ones_only_with_the_guard(guard):
+    """One stage; identical short jobs arrive as fast as they train, so least work first alone
+    would keep the long job out until the stream ends; the wait guard lets it through."""
+    rng = np.random.default_rng(10)
+    long_job = random_job("long", 12, rng, global_batch_size=8)
+    lengths = random_job("s", 2, rng, global_batch_size=8).lengths
+    shorts = [Job(f"short{k}", 8, lengths) for k in range(30)]
+    alone_short = planned_alone(shorts[0], options(1)).duration_s
+    arrivals = [Arrival(long_job, 0.0)] + [Arrival(job, alone_short * k) for k, job in enumerate(shorts)]
+    result = planning_windows(arrivals, 2, options(1), SizeAware(max_wait_windows=3 if guard else 10**6))
+    last_short = max(result.finish_s[j.name] for j in shorts)
+    assert sorted(result.trained) == sorted((a.job.name, i) for a in arrivals for i in range(len(a.job.lengths)))
+    if guard:
+        # Its 6 windows come within the first ~30 windows, long before the 30 shorts are all done.
+        assert result.finish_s["long"] < 0.8 * last_short
+    else:
+        assert result.finish_s["long"] == pytest.approx(result.makespan_s)
+        alone_long = planned_alone(long_job, options(1)).duration_s
+        assert result.finish_s["long"] - last_short == pytest.approx(alone_long, rel=0.05)
 
 
 def test_one_window_over_jobs_present_from_the_start_is_the_scheduler_plan():

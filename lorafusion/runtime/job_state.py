@@ -165,8 +165,9 @@ class JobRun:
     def state_dict(self) -> dict:
         """This process's share of the job's state: adapter weights and AdamW state (both by PEFT
         key), LR schedule and position."""
+        # Copies (also on the CPU, where .cpu() would alias): AdamW updates its state in place.
         optimizer_state = {
-            key: {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in self.optimizer.state[param].items()}
+            key: {k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in self.optimizer.state[param].items()}
             for key, param in self.named_parameters.items()
             if param in self.optimizer.state
         }
@@ -174,7 +175,7 @@ class JobRun:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "last_loss": self.last_loss,
-            "parameters": {key: param.detach().cpu().clone() for key, param in self.named_parameters.items()},
+            "parameters": {key: param.detach().to("cpu", copy=True) for key, param in self.named_parameters.items()},
             "optimizer": optimizer_state,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "evaluation": None if self.evaluation is None else self.evaluation.state_dict(),

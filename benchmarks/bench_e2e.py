@@ -362,7 +362,7 @@ def run(
         row.setdefault("attention_ms_per_layer", float("nan"))
     for row in rows:
         row["speedup_vs_peft"] = row["tokens_per_s"] / rows[1]["tokens_per_s"]
-    info = machine_info(device) | {"jobs": num_jobs, "steps_per_job": steps}
+    info = machine_info(device) | {"jobs": num_jobs, "steps_per_job": steps, "torch_threads": torch.get_num_threads()}
     name = "e2e_" + ("cpu" if device.type == "cpu" else info["gpu"].replace(" ", "_").lower())
     write_results(name, rows, info, out_dir)
     write_results(name.replace("e2e_", "e2e_attention_"), attention_rows, info, out_dir)

@@ -9,8 +9,9 @@ block-diagonal mask over the whole microbatch would cost tokens² per head inste
 Kernels (select_kernel picks one per call):
 - "per_sample": scaled-dot-product attention per sample (the eager softmax with a logit softcap,
   which SDPA lacks). On CPU it is the fastest exact one: FlexAttention with a document mask has no
-  backward on CPU, and its forward took 2.4x as long compiled and 41x eager (8 samples, 2048 tokens,
-  8 heads of 64, fp32, 2-core machine: 25 ms per-sample, 59 ms compiled flex, 1016 ms eager flex).
+  backward there, and its compiled forward took 3.7x as long (benchmarks/results/e2e_attention_cpu.csv:
+  14 samples, 1014 tokens, 4 heads of 32, one thread: 3.7 ms per sample, 13.8 ms flex) and 2.4x
+  (8 samples, 2048 tokens, 8 heads of 64: 25 vs 59 ms); uncompiled it materialises tokens² scores (41x).
 - "flash_attn": flash-attn's flash_attn_varlen_func, one call per layer for the whole microbatch;
   CUDA, fp16/bf16, every option above.
 - "torch_varlen": torch.nn.attention.varlen.varlen_attn (flash attention inside torch), one call

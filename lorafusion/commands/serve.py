@@ -24,13 +24,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from transformers.utils import logging as transformers_logging
 
-    from lorafusion.runtime.engine_imports import deepspeed_left_unimported
     from lorafusion.service.server import Service
 
     transformers_logging.disable_progress_bar()  # its "Writing model shards" bar, saving an inline base model
     try:
-        with deepspeed_left_unimported():
-            service = Service.start(server_config, device=args.device)
+        service = Service.start(server_config, device=args.device)
     except (ValueError, OSError) as error:  # the state directory in use or refused, the port taken, ...
         print(f"lorafusion serve: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+from lorafusion.runtime.engine_imports import deepspeed_left_unimported
 from lorafusion.runtime.output_dir import BASE_MODEL_DIR, CHECKPOINTS_DIR, MARKER_FILE
 from lorafusion.runtime.run_directory import RunDirectory
 
@@ -31,7 +32,8 @@ class Service:
         store = None
         try:
             store = JobStore(state_dir / DATABASE_FILE)
-            trainer = ServiceTrainer(config, store, device)
+            with deepspeed_left_unimported():  # saving an inline base model would import it, for nothing
+                trainer = ServiceTrainer(config, store, device)
             http = ServiceHTTPServer((config.host, config.port), trainer, config.token)
         except BaseException:
             if store is not None:

@@ -19,6 +19,7 @@ import hmac
 import json
 import re
 import time
+import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -67,6 +68,9 @@ class _Handler(BaseHTTPRequestHandler):
         except SubmissionError as error:
             status = error.status
             body = {"error": _one_line(error.problems), "problems": [{"key": k, "reason": r} for k, r in error.problems]}
+        except Exception as error:  # noqa: BLE001 - a bug: answered (500) and printed, the service goes on
+            traceback.print_exc()
+            status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(error).__name__}: {error}", "problems": []}
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")

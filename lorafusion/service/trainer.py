@@ -148,6 +148,9 @@ class ServiceTrainer(TrainingLoop):
         except (DataError, ValueError) as error:
             problems.append(("data", str(error)))
             samples = []
+        except OSError as error:  # unreadable (permissions, a directory where a file was expected, ...)
+            problems.append(("data", f"cannot read {spec.data}: {error.strerror or error}"))
+            samples = []
         capacity = self.server.training.scheduler.capacity
         too_long = [s.record for s in samples if len(s.input_ids) > capacity]
         if too_long:

@@ -6,13 +6,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from lorafusion.service.client import ServiceClient
-from service_fixtures import alone_adapter, assert_adapters_close, job_entry, server_dict, service_adapter, wait_for
+from service_fixtures import (
+    RunningService,
+    alone_adapter,
+    assert_adapters_close,
+    job_entry,
+    server_dict,
+    service_adapter,
+    wait_for,
+)
 
 
 def start_serve(config_path, log_path) -> tuple[subprocess.Popen, ServiceClient]:
@@ -73,3 +85,23 @@ def test_kill_9_and_restart_loses_nothing(tmp_path):
     assert any(line.startswith("resumed from its checkpoint at step") for line in logs), logs
     for entry in (add, rev):
         assert_adapters_close(service_adapter(tmp_path / "state", entry["name"]), alone_adapter(tmp_path, entry))
+
+
+def test_a_job_killed_between_its_last_checkpoint_and_its_adapter_is_published_at_restart(tmp_path):
+    add = job_entry(tmp_path, "add")
+    with RunningService(server_dict(tmp_path), tmp_path) as service:
+        service.client.submit(add)
+        service.wait_ended("add")
+    published = service_adapter(tmp_path / "state", "add")
+    # What a kill right after the job's last checkpoint leaves: no adapter, the job running in the database.
+    shutil.rmtree(tmp_path / "state" / "adapters" / "add")
+    with sqlite3.connect(tmp_path / "state" / "state.sqlite") as db:
+        db.execute("UPDATE jobs SET state = 'running', ended_at = NULL, adapter_dir = NULL WHERE name = 'add'")
+    db.close()
+    with RunningService(server_dict(tmp_path), tmp_path) as service:
+        ended = service.wait_ended("add")
+        logs = [line["line"] for line in service.client.logs("add")]
+    assert ended["add"]["state"] == "finished" and ended["add"]["step"] == 4
+    assert "resumed from its checkpoint at step 4/4" in logs
+    republished = service_adapter(tmp_path / "state", "add")
+    assert all(torch.equal(published[key], republished[key]) for key in published)

@@ -180,20 +180,30 @@ class ServiceTrainer(TrainingLoop):
             self._planner.close()
 
     def _train_window(self, window) -> None:
+        """Train the window's plan; whenever the jobs change meanwhile (an arrival, a cancel, a
+        failure), the next window is planned again in the background at once."""
         self._schedule = self._planner.plan(window)
         self._planner.plan_ahead(following_window(self.jobs, self.server.window_batches, window))
         self.dropout_seed_base = self.server.training.model.seed * 65_537 + self._window_index
         self._window_index += 1
+        stopped = self._stopped_in(window)
         for position, microbatch in enumerate(self._schedule.microbatches):
             if self.stop_requested.is_set():
                 return
-            if self._wake.is_set():  # arrivals join the next window: plan that one again now
+            changed = self._wake.is_set()
+            if changed:
                 self._admit_and_cancel()
-                self._planner.plan_ahead(following_window(self.jobs, self.server.window_batches, window))
             refs = self.live_refs(microbatch)
             if refs:
                 self._run_microbatch(position, refs)
+            if changed or self._stopped_in(window) != stopped:
+                stopped = self._stopped_in(window)
+                self._planner.plan_ahead(following_window(self.jobs, self.server.window_batches, window))
         self._retire_ended()
+
+    def _stopped_in(self, window) -> int:
+        """How many of the window's jobs have stopped (failed, cancelled) before its end."""
+        return sum(self.jobs[w.name].status in ("failed", "cancelled") for w in window if w.name in self.jobs)
 
     def _admit_and_cancel(self) -> None:
         self._wake.clear()

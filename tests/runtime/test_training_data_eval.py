@@ -32,8 +32,8 @@ def saved_adapter(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / "adapter_model.safetensors")
 
 
-def train(data: dict, tmp_path: Path):
-    trainer = MultiJobTrainer(parse_config(data, base_dir=tmp_path), device="cpu", progress=False)
+def train(data: dict, tmp_path: Path, progress: bool = False):
+    trainer = MultiJobTrainer(parse_config(data, base_dir=tmp_path), device="cpu", progress=progress)
     return trainer, trainer.train()
 
 
@@ -101,13 +101,28 @@ def peft_eval_loss(output_dir: Path, job: str, samples) -> float:
     return total / count
 
 
-def test_logged_eval_loss_equals_a_forward_of_the_published_adapter(tmp_path: Path) -> None:
+def test_logged_eval_loss_equals_a_forward_of_the_published_adapter(tmp_path: Path, monkeypatch, capsys) -> None:
+    scalars = {}
+
+    class FakeWriter:  # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, log_dir):
+            pass
+
+        def add_scalar(self, tag, value, step):
+            scalars[tag, step] = value
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("lorafusion.runtime.trainer._tensorboard_writer", FakeWriter)
     settings = {"eval_fraction": 0.25, "eval_every": 2, "max_steps": 5, "lora_dropout": 0.1}
     data = config_dict(tmp_path, jobs=("add", "txt"), add=settings)
-    _, result = train(data, tmp_path)
+    _, result = train(data, tmp_path, progress=True)  # not a terminal here: plain progress lines
     out = Path(data["output_dir"])
     logged = {r["step"]: r["eval_loss"] for r in metrics(out) if r["job"] == "add" and "eval_loss" in r}
     assert sorted(logged) == [2, 4, 5]  # every eval_every steps and at the last one
+    assert {step: value for (tag, step), value in scalars.items() if tag == "add/eval_loss"} == logged
+    assert f"add: step 5/5, loss {result.jobs['add'].final_loss:.4f}, eval loss {logged[5]:.4f} (step 5)" in capsys.readouterr().out
     assert not any("eval_loss" in r for r in metrics(out) if r["job"] == "txt")
     samples = load_samples(data["jobs"][0]["data"], "prompt_completion", ByteTokenizer(), 24)
     train_samples, held_out = split_off_eval(samples, 0.25, seed=1, source="add.jsonl")
@@ -175,6 +190,8 @@ def test_early_stopping_after_a_kill_and_resume(tmp_path: Path, monkeypatch) -> 
     assert resumed.jobs["add"].steps == 4 and len(snapshots) == 4
     published = saved_adapter(Path(data["output_dir"]) / "add")
     assert all(torch.equal(published[key], snapshots[2][key]) for key in published), done
-    # Resuming a finished, early-stopped run changes nothing.
-    again = MultiJobTrainer(config, device="cpu", progress=False).train(resume=True)
-    assert again.jobs["add"].status == "finished" and again.jobs["add"].steps == 4
+    # Resuming a finished, early-stopped run changes nothing, and holds the published adapter (what
+    # the closing summary's accuracy scores).
+    again = MultiJobTrainer(config, device="cpu", progress=False)
+    assert again.train(resume=True).jobs["add"].steps == 4 and len(snapshots) == 4
+    assert all(torch.equal(again.jobs["add"].named_parameters[key].detach(), published[key]) for key in published)

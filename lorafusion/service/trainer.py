@@ -176,8 +176,16 @@ class ServiceTrainer(TrainingLoop):
                     self._wake.clear()
                     continue
                 self._train_window(window)
+            self._checkpoint_running()
         finally:
             self._planner.close()
+
+    def _checkpoint_running(self) -> None:
+        """On a stop (SIGTERM, Ctrl-C): every running job's state at its last step, so the next start
+        redoes nothing but the global batch each was in."""
+        for job in self.jobs.values():
+            if job.status == "running" and job.step > 0 and job.step not in self.checkpoints.steps_with_file(job.name):
+                self.checkpoints.save(job)
 
     def _train_window(self, window) -> None:
         """Train the window's plan; whenever the jobs change meanwhile (an arrival, a cancel, a
@@ -267,6 +275,8 @@ class ServiceTrainer(TrainingLoop):
         """Take ended jobs' adapters off the model: their memory goes."""
         for name in [name for name, job in self.jobs.items() if job.status != "running"]:
             del self.jobs[name]
+            self.lora_configs.pop(name, None)
+            self._admitted_at.pop(name, None)
             with self._model_lock:
                 remove_adapter(self.model, name)
 

@@ -105,3 +105,19 @@ def test_a_job_killed_between_its_last_checkpoint_and_its_adapter_is_published_a
     assert "resumed from its checkpoint at step 4/4" in logs
     republished = service_adapter(tmp_path / "state", "add")
     assert all(torch.equal(published[key], republished[key]) for key in published)
+
+
+def test_a_stopped_service_checkpoints_its_running_jobs_and_continues_them(tmp_path):
+    rev = job_entry(tmp_path, "rev", max_steps=12)
+    config = server_dict(tmp_path, checkpoint_every=0)  # checkpoints only at the end, and at a stop
+    with RunningService(config, tmp_path, microbatch_delay_s=0.05) as service:
+        service.client.submit(rev)
+        wait_for(lambda: service.state("rev")["step"] >= 3, what="rev's step 3")
+    steps = sorted(int(p.name.removeprefix("step-")) for p in (tmp_path / "state" / "checkpoints" / "rev").glob("step-*"))
+    assert len(steps) == 1 and 3 <= steps[0] < 12
+    with RunningService(config, tmp_path) as service:
+        ended = service.wait_ended("rev")
+        logs = [line["line"] for line in service.client.logs("rev")]
+    assert ended["rev"]["state"] == "finished"
+    assert f"resumed from its checkpoint at step {steps[0]}/12" in logs
+    assert_adapters_close(service_adapter(tmp_path / "state", "rev"), alone_adapter(tmp_path, rev))

@@ -1,6 +1,6 @@
 """What a run tells the user about each job beyond its losses: samples cut by max_seq_len (warned
-at the start, counted at the end), the first and last loss, exact-match accuracy on the job's
-eval_data, and its throughput."""
+at the start, counted at the end), the first and last loss, the eval loss of its published adapter,
+exact-match accuracy on the job's eval_data, and its throughput."""
 
 from __future__ import annotations
 
@@ -43,6 +43,23 @@ def first_losses(output_dir: Path) -> dict[str, float]:
     return first
 
 
+def published_eval_losses(output_dir: Path, jobs: dict) -> dict[str, float]:
+    """The eval loss of each job's published adapter, from metrics.jsonl (so a resumed run reports
+    the same): its best eval's under early stopping, else its last eval's (at its last step)."""
+    path = Path(output_dir) / METRICS_FILE
+    losses: dict[str, list[float]] = {}
+    if path.is_file():
+        for record in read_metrics(path):
+            if "eval_loss" in record:
+                losses.setdefault(record["job"], []).append(record["eval_loss"])
+    found = {}
+    for name, values in losses.items():
+        under_patience = name in jobs and jobs[name].spec.early_stopping_patience is not None
+        finite = [value for value in values if math.isfinite(value)]
+        found[name] = min(finite, default=math.nan) if under_patience else values[-1]
+    return found
+
+
 def eval_accuracy(trainer, name: str) -> float:
     """Exact-match accuracy of the job's adapter, greedy and stopping at the end-of-sequence
     token, on its eval_data (prompt_completion jobs; any dataset kind, under the job's columns): the
@@ -69,6 +86,7 @@ def add_job_report(trainer, result) -> None:
     """Fill each job's first loss, truncated samples, tokens/s and (for finished jobs with
     eval_data, where this process holds the whole model) eval accuracy into `result`."""
     first = first_losses(trainer.output_dir)
+    evaluated = published_eval_losses(trainer.output_dir, trainer.jobs)
     eos = trainer.tokenizer.eos_token_id
     for name, summary in result.jobs.items():
         job = trainer.jobs[name]
@@ -76,6 +94,8 @@ def add_job_report(trainer, result) -> None:
         summary.truncated = truncated_samples(job.samples, job.spec.max_seq_len, eos)
         ran = job.tokens_seen - trainer._tokens_at_start.get(name, 0)
         summary.tokens_per_s = ran / max(result.elapsed_s, 1e-9)
+        if job.status == "finished":
+            summary.eval_loss = evaluated.get(name)
         scored = job.spec.eval_data is not None and job.spec.format == "prompt_completion"
         if scored and job.status == "finished" and trainer.num_stages == 1:
             summary.eval_accuracy = eval_accuracy(trainer, name)
@@ -83,13 +103,14 @@ def add_job_report(trainer, result) -> None:
 
 def job_rows(result) -> list[str]:
     """The closing summary's table: one row per job."""
-    rows = [f"\n{'job':>14}  {'status':>8}  {'steps':>9}  {'loss first -> last':>18}  {'eval acc':>8}  {'truncated':>9}  {'tokens':>9}  {'tokens/s':>8}  output"]
+    rows = [f"\n{'job':>14}  {'status':>8}  {'steps':>9}  {'loss first -> last':>18}  {'eval loss':>9}  {'eval acc':>8}  {'truncated':>9}  {'tokens':>9}  {'tokens/s':>8}  output"]
     for name, job in result.jobs.items():
         where = str(job.adapter_dir) if job.adapter_dir else (job.failure or "")
         accuracy = "-" if job.eval_accuracy is None else f"{job.eval_accuracy:.1%}"
+        eval_loss = "-" if job.eval_loss is None else f"{job.eval_loss:.4f}"
         loss = f"{job.first_loss:.4f} -> {job.final_loss:.4f}"
         rows.append(
-            f"{name:>14}  {job.status:>8}  {job.steps:>4}/{job.num_steps:<4}  {loss:>18}  {accuracy:>8}  "
+            f"{name:>14}  {job.status:>8}  {job.steps:>4}/{job.num_steps:<4}  {loss:>18}  {eval_loss:>9}  {accuracy:>8}  "
             f"{job.truncated:>9}  {job.tokens:9d}  {job.tokens_per_s:8.0f}  {where}"
         )
     return rows

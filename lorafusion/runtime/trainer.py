@@ -84,6 +84,7 @@ class JobSummary:
     truncated: int = 0
     tokens_per_s: float = 0.0
     eval_accuracy: float | None = None
+    eval_loss: float | None = None  # of the published adapter (see run_report.published_eval_losses)
 
 
 @dataclass

@@ -121,6 +121,7 @@ def test_logged_eval_loss_equals_a_forward_of_the_published_adapter(tmp_path: Pa
     out = Path(data["output_dir"])
     logged = {r["step"]: r["eval_loss"] for r in metrics(out) if r["job"] == "add" and "eval_loss" in r}
     assert sorted(logged) == [2, 4, 5]  # every eval_every steps and at the last one
+    assert result.jobs["add"].eval_loss == logged[5] and result.jobs["txt"].eval_loss is None  # the closing summary's
     assert {step: value for (tag, step), value in scalars.items() if tag == "add/eval_loss"} == logged
     assert f"add: step 5/5, loss {result.jobs['add'].final_loss:.4f}, eval loss {logged[5]:.4f} (step 5)" in capsys.readouterr().out
     assert not any("eval_loss" in r for r in metrics(out) if r["job"] == "txt")
@@ -168,6 +169,7 @@ def test_early_stopping_publishes_the_best_steps_adapter(tmp_path: Path, monkeyp
     out = Path(data["output_dir"])
     assert result.jobs["add"].status == "finished" and result.jobs["add"].steps == 4  # stopped early
     assert result.jobs["txt"].status == "finished" and result.jobs["txt"].steps == 3
+    assert result.jobs["add"].eval_loss == 2.0  # the published adapter's: the best eval's
     assert [r["step"] for r in metrics(out) if r["job"] == "add"] == [1, 2, 3, 4]
     published = saved_adapter(out / "add")
     assert published.keys() == snapshots[2].keys()
@@ -193,5 +195,6 @@ def test_early_stopping_after_a_kill_and_resume(tmp_path: Path, monkeypatch) -> 
     # Resuming a finished, early-stopped run changes nothing, and holds the published adapter (what
     # the closing summary's accuracy scores).
     again = MultiJobTrainer(config, device="cpu", progress=False)
-    assert again.train(resume=True).jobs["add"].steps == 4 and len(snapshots) == 4
+    summary = again.train(resume=True).jobs["add"]
+    assert summary.steps == 4 and summary.eval_loss == 2.0 and len(snapshots) == 4
     assert all(torch.equal(again.jobs["add"].named_parameters[key].detach(), published[key]) for key in published)

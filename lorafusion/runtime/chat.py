@@ -81,7 +81,10 @@ class ChatRenderer:
                 raise
             raise record.error(f"the chat template refuses this conversation: {_one_line(error)}") from None
         labels = [token if in_mask else IGNORE_INDEX for token, in_mask in zip(input_ids, mask)]
-        sample = Sample(record=record.number, input_ids=tuple(input_ids[:max_seq_len]), labels=tuple(labels[:max_seq_len]))
+        sample = Sample(
+            record=record.number, input_ids=tuple(input_ids[:max_seq_len]), labels=tuple(labels[:max_seq_len]),
+            truncated=len(input_ids) > max_seq_len,
+        )
         if sample.num_target_tokens == 0:
             raise record.error(f"no assistant token within max_seq_len={max_seq_len} (the conversation has {len(input_ids)} tokens)")
         return sample

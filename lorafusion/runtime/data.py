@@ -42,7 +42,7 @@ class Tokenizer(Protocol):
 class Sample:
     """One tokenized record.
 
-    record: 1-based line number of the record in its JSONL file.
+    record: the record's 1-based line in its JSONL file, or its 0-based row index in a table.
     input_ids: [bos] + prompt + completion + [eos] (or [bos] + text + [eos]), truncated to max_seq_len.
     labels: same length as input_ids; IGNORE_INDEX (-100) where no loss is taken (bos and prompt
         tokens), else the token itself. The label at position t is the target for predicting token
@@ -52,6 +52,7 @@ class Sample:
     record: int
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
+    truncated: bool = False  # cut by max_seq_len (its end never trained on)
 
     @property
     def num_target_tokens(self) -> int:
@@ -200,7 +201,8 @@ def _tokenize(record: Record, format: str, tokenizer: Tokenizer, max_seq_len: in
         labelled = tokenizer.encode(record.fields["text"]) + [tokenizer.eos_token_id]
     input_ids = (unlabelled + labelled)[:max_seq_len]
     labels = ([IGNORE_INDEX] * len(unlabelled) + labelled)[:max_seq_len]
-    sample = Sample(record=record.number, input_ids=tuple(input_ids), labels=tuple(labels))
+    truncated = len(unlabelled) + len(labelled) > max_seq_len
+    sample = Sample(record=record.number, input_ids=tuple(input_ids), labels=tuple(labels), truncated=truncated)
     if sample.num_target_tokens == 0:
         cause = f": the prompt takes {len(unlabelled)} of them" if format == "prompt_completion" else ""
         raise record.error(f"no target token within max_seq_len={max_seq_len}{cause}")

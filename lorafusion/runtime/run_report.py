@@ -12,17 +12,15 @@ from .output_dir import METRICS_FILE
 from .run_state import read_metrics
 
 
-def truncated_samples(samples, max_seq_len: int, eos_token_id: int) -> int:
-    """Samples cut by max_seq_len: those that fill it without ending in the end-of-sequence token
-    (data.py ends every sample with one, and truncation is what removes it)."""
-    return sum(1 for s in samples if len(s.input_ids) == max_seq_len and s.input_ids[-1] != eos_token_id)
+def truncated_samples(samples) -> int:
+    """Samples cut by max_seq_len (data.py and chat.py mark them)."""
+    return sum(1 for s in samples if s.truncated)
 
 
 def warn_truncated(trainer) -> None:
     """One line at the start of a run naming each job that has samples cut by max_seq_len: their
     completions (or texts) lose their ends, and the model never learns to stop."""
-    eos = trainer.tokenizer.eos_token_id
-    cut = {name: truncated_samples(job.samples, job.spec.max_seq_len, eos) for name, job in trainer.jobs.items()}
+    cut = {name: truncated_samples(job.samples) for name, job in trainer.jobs.items()}
     parts = [
         f"{name} {count} of {len(trainer.jobs[name].samples)} (max_seq_len={trainer.jobs[name].spec.max_seq_len})"
         for name, count in cut.items()
@@ -87,11 +85,10 @@ def add_job_report(trainer, result) -> None:
     eval_data, where this process holds the whole model) eval accuracy into `result`."""
     first = first_losses(trainer.output_dir)
     evaluated = published_eval_losses(trainer.output_dir, trainer.jobs)
-    eos = trainer.tokenizer.eos_token_id
     for name, summary in result.jobs.items():
         job = trainer.jobs[name]
         summary.first_loss = first.get(name, math.nan)
-        summary.truncated = truncated_samples(job.samples, job.spec.max_seq_len, eos)
+        summary.truncated = truncated_samples(job.samples)
         ran = job.tokens_seen - trainer._tokens_at_start.get(name, 0)
         summary.tokens_per_s = ran / max(result.elapsed_s, 1e-9)
         if job.status == "finished":

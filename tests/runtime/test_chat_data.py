@@ -42,7 +42,9 @@ def test_truncation_keeps_the_assistant_tokens_before_the_cut(tokenizer, tmp_pat
     first_assistant = assistant.index(True)
     [sample] = load_samples(path, "messages", tokenizer, max_seq_len=first_assistant + 2)
     assert list(sample.input_ids) == ids[: first_assistant + 2]
-    assert sample.num_target_tokens == 2
+    assert sample.num_target_tokens == 2 and sample.truncated
+    [whole] = load_samples(path, "messages", tokenizer, max_seq_len=len(ids))  # fills it exactly: not cut
+    assert list(whole.input_ids) == ids and not whole.truncated
     with pytest.raises(DataError, match=rf"chat\.jsonl, line 1: no assistant token within max_seq_len={first_assistant} "):
         load_samples(path, "messages", tokenizer, max_seq_len=first_assistant)
 

@@ -41,7 +41,9 @@ def test_truncation_keeps_input_ids_and_labels_aligned(tmp_path: Path) -> None:
     [sample] = load_jsonl_dataset(path, "prompt_completion", ByteTokenizer(), max_seq_len=5)
     assert sample.input_ids == (BOS, ord("a"), ord("b"), ord("c"), ord("d"))
     assert sample.labels == (IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, ord("c"), ord("d"))
-    assert sample.num_target_tokens == 2
+    assert sample.num_target_tokens == 2 and sample.truncated
+    # Filling max_seq_len exactly is no truncation.
+    assert not load_jsonl_dataset(path, "prompt_completion", ByteTokenizer(), max_seq_len=8)[0].truncated
 
 
 def test_num_target_tokens_ignores_position_zero() -> None:

@@ -142,8 +142,10 @@ class JobSpec:
     """One LoRA fine-tuning job: its data, adapter, optimizer and length limits.
 
     name: unique, [A-Za-z0-9_-]+; the adapter name and the job's output directory name.
-    data: JSONL file, resolved. format: "prompt_completion" ({"prompt", "completion"} records,
-        loss on the completion) or "text" ({"text"} records, loss on all of it).
+    data: JSONL or Parquet file, or a directory of Parquet files or from datasets' save_to_disk,
+        resolved. format: "prompt_completion" ({"prompt", "completion"} records, loss on the
+        completion), "text" ({"text"} records, loss on all of it) or "messages" (conversations
+        rendered by the tokenizer's chat template, loss on the assistant's tokens); see runtime.data.
     global_batch_size: samples per optimizer step.
     max_steps / epochs: at most one is set by the user; with neither, epochs = 1.0.
     max_seq_len: samples are truncated to this many tokens.

@@ -29,13 +29,15 @@ class Service:
         start: it then continues every accepted job), load the base model, listen."""
         state_dir = config.state_dir
         directory = RunDirectory.claim(state_dir, STATE_ENTRIES, resume=(state_dir / MARKER_FILE).is_file(), overwrite=False)
-        store = None
+        store = trainer = None
         try:
             store = JobStore(state_dir / DATABASE_FILE)
             with deepspeed_left_unimported():  # saving an inline base model would import it, for nothing
                 trainer = ServiceTrainer(config, store, device)
             http = ServiceHTTPServer((config.host, config.port), trainer, config.token)
         except BaseException:
+            if trainer is not None:
+                trainer.close()
             if store is not None:
                 store.close()
             directory.release()

@@ -63,6 +63,9 @@ def data_digest(path: Path) -> str:
 
 
 class ServiceTrainer(TrainingLoop):
+    """The base model, the live jobs and their windows; submissions are checked here too (see the
+    module docstring)."""
+
     def __init__(self, server: ServerConfig, store: JobStore, device: str | None = None):
         training = server.training
         self.server, self.store = server, store
@@ -178,7 +181,11 @@ class ServiceTrainer(TrainingLoop):
                 self._train_window(window)
             self._checkpoint_running()
         finally:
-            self._planner.close()
+            self.close()
+
+    def close(self) -> None:
+        """End the planner's worker process."""
+        self._planner.close()
 
     def _checkpoint_running(self) -> None:
         """On a stop (SIGTERM, Ctrl-C): every running job's state at its last step, so the next start

@@ -144,13 +144,20 @@ def test_serve_reports_every_config_problem_in_one_go(tmp_path, capsys):
     assert sorted(keys) == ["data_roots[0]", "parallel.engine", "port", "state_dir", "window_batches"], err
 
 
-def test_a_state_directory_serves_one_service_at_a_time(tmp_path):
+def test_a_state_directory_serves_one_service_at_a_time(tmp_path, capsys):
     from lorafusion.runtime.output_dir import OutputDirError
     from lorafusion.service.server import Service
 
     with RunningService(server_dict(tmp_path), tmp_path) as service:
         with pytest.raises(OutputDirError, match="in use by another lorafusion process"):
             Service.start(service.config, device="cpu")
+        port = service.service.http.server_address[1]
+        second = server_dict(tmp_path, state_dir=str(tmp_path / "second"), port=port)
+        (tmp_path / "second.yaml").write_text(json.dumps(second))
+        assert main(["serve", str(tmp_path / "second.yaml"), "--device", "cpu"]) == 2
+        assert "Address already in use" in capsys.readouterr().err
+    with RunningService(server_dict(tmp_path, state_dir=str(tmp_path / "second")), tmp_path):
+        pass  # the refused start let its state directory go
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(OutputDirError, match="not empty and was not written by lorafusion"):

@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from .data import IGNORE_INDEX, DataError, Record, Sample, json_type
+from .data_sources import DATA_EXTRA_HINT
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")  # transformers' own test for the markers
 TEMPLATE_FAILURES = (TypeError, ValueError, KeyError, IndexError, AttributeError)
@@ -34,8 +35,9 @@ TEMPLATE_FAILURES = (TypeError, ValueError, KeyError, IndexError, AttributeError
 class ChatRenderer:
     """Turns the conversations of one dataset into samples with an HF tokenizer's chat template."""
 
-    def __init__(self, hf_tokenizer) -> None:
+    def __init__(self, hf_tokenizer, template_error: type[Exception]) -> None:
         self.hf_tokenizer = hf_tokenizer
+        self.template_error = template_error  # jinja2's, raised by a template's raise_exception
         self.has_markers = bool(GENERATION_MARKER.search(hf_tokenizer.get_chat_template()))
 
     @classmethod
@@ -59,7 +61,11 @@ class ChatRenderer:
                 data_path, None, f"format messages needs a fast tokenizer (tokenizer.json) to find the assistant's "
                 f"tokens, and {source} is a slow one",
             )
-        return cls(hf_tokenizer)
+        try:
+            from jinja2 import TemplateError  # what transformers renders chat templates with
+        except ImportError:
+            raise DataError(data_path, None, f"format messages needs jinja2 to render the chat template: {DATA_EXTRA_HINT}") from None
+        return cls(hf_tokenizer, TemplateError)
 
     def sample(self, record: Record, max_seq_len: int) -> Sample:
         """The record's conversation as a sample: labels are the token ids on the assistant's tokens
@@ -74,12 +80,10 @@ class ChatRenderer:
                 input_ids, mask = self._by_prefixes(record, messages, tools)
         except DataError:
             raise
+        except self.template_error as error:
+            raise record.error(f"the chat template refuses this conversation: {_one_line(error)}") from None
         except TEMPLATE_FAILURES as error:
             raise record.error(f"the chat template cannot render this conversation: {_one_line(error)}") from None
-        except Exception as error:  # jinja2's TemplateError (raise_exception in a template), imported lazily by transformers
-            if type(error).__module__.split(".")[0] != "jinja2":
-                raise
-            raise record.error(f"the chat template refuses this conversation: {_one_line(error)}") from None
         labels = [token if in_mask else IGNORE_INDEX for token, in_mask in zip(input_ids, mask)]
         sample = Sample(
             record=record.number, input_ids=tuple(input_ids[:max_seq_len]), labels=tuple(labels[:max_seq_len]),

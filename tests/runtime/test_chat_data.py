@@ -6,6 +6,7 @@ tools and tool calls pass through the template; bad conversations are named by l
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,11 @@ def test_a_template_that_rewrites_earlier_turns_needs_markers(tmp_path: Path) ->
         f"{path}, line 1: the chat template renders the conversation up to message 2 differently once later turns follow, so the "
         "assistant's tokens cannot be told apart; use a template with {% generation %} markers"
     )
+
+
+def test_missing_jinja2_names_the_extra(tokenizer, tmp_path: Path, monkeypatch) -> None:
+    path = write_chat_jsonl(tmp_path / "chat.jsonl", [CONVERSATIONS[0][0]])
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # `import jinja2` then raises ImportError
+    with pytest.raises(DataError) as caught:
+        load_samples(path, "messages", tokenizer, max_seq_len=512)
+    assert str(caught.value) == f"{path}: format messages needs jinja2 to render the chat template: pip install 'lorafusion[data]'"

@@ -52,11 +52,12 @@ def build_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> tra
     (attention.py). An inline config is initialised from spec.seed, so every process of a run
     builds the same weights."""
     dtype = DTYPES[spec.dtype]
+    if spec.path is not None:
+        check_architecture(transformers.AutoConfig.from_pretrained(spec.path, local_files_only=True), f"model.path {spec.path}")
     if spec.path is not None and models.is_pruned_checkpoint(spec.path):
         # A LoRAM-pruned model: its layers differ in size, which from_pretrained cannot build.
         model = models.load_pruned_model(spec.path, dtype=dtype, attn_implementation=PACKED_ATTENTION)
     elif spec.path is not None:
-        check_architecture(transformers.AutoConfig.from_pretrained(spec.path, local_files_only=True), f"model.path {spec.path}")
         model = transformers.AutoModelForCausalLM.from_pretrained(
             spec.path, local_files_only=True, dtype=dtype, attn_implementation=PACKED_ATTENTION
         )

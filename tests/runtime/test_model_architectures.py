@@ -85,3 +85,14 @@ def test_attention_dropout_gets_one_line(tmp_path):
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=r"^model.config: attention_dropout=0.2 is not supported"):
         build_base_model(ModelSpec(path=None, architecture="mistral", config=dict(TINY, attention_dropout=0.2)))
+
+
+def test_a_loram_pruned_checkpoint_is_checked_too(tmp_path):
+    from lorafusion.loram import prune, save_pruned_model
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**dict(TINY, num_hidden_layers=3), attention_dropout=0.1))
+    pruned, prune_map = prune(model, 0.5, keep_layers=[0])
+    save_pruned_model(pruned, prune_map, tmp_path / "pruned")
+    with pytest.raises(ValueError, match=r"pruned: attention_dropout=0.1 is not supported"):
+        build_base_model(ModelSpec(path=str(tmp_path / "pruned"), architecture=None, config={}))

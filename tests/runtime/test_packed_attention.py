@@ -297,6 +297,23 @@ def test_torch_varlen_kernel_passes_offsets_window_and_grouped_heads(monkeypatch
     torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("takes_gqa", [True, False])
+def test_the_installed_torch_varlen_attn_takes_our_call(monkeypatch, takes_gqa):
+    """torch's own varlen_attn, on meta tensors (its fake kernels: shapes, dtypes and arguments checked,
+    no GPU needed), forward and backward; without enable_gqa (torch before 2.12) the KV heads come expanded."""
+    varlen = pytest.importorskip("torch.nn.attention.varlen").varlen_attn
+
+    def without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):
+        return varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
+    monkeypatch.setattr(attention, "_torch_varlen", lambda device_index: (varlen, True) if takes_gqa else (without_gqa, False))
+    query, key, value = (torch.empty(1, h, 12, 64, device="meta", dtype=torch.bfloat16, requires_grad=True) for h in (4, 2, 2))
+    output = attend_packed(query, key, value, (5, 7), AttentionOptions(scaling=0.1, sliding_window=3), kernel="torch_varlen")
+    assert output.shape == (1, 12, 4, 64) and output.dtype == torch.bfloat16
+    output.sum().backward()
+    assert query.grad.shape == query.shape and key.grad.shape == key.shape and value.grad.shape == value.shape
+
+
 def test_torch_varlen_kernel_refuses_softcap_and_dropout(monkeypatch):
     monkeypatch.setattr(attention, "_torch_varlen", lambda device_index: (None, True))
     query, key, value = _qkv(6)

@@ -198,3 +198,26 @@ def test_early_stopping_after_a_kill_and_resume(tmp_path: Path, monkeypatch) -> 
     summary = again.train(resume=True).jobs["add"]
     assert summary.steps == 4 and summary.eval_loss == 2.0 and len(snapshots) == 4
     assert all(torch.equal(again.jobs["add"].named_parameters[key].detach(), published[key]) for key in published)
+
+
+def test_a_real_early_stopping_run_publishes_its_lowest_eval_loss(tmp_path: Path) -> None:
+    # Trained on sums at a high lr, scored on "abab..." texts (as completions of an empty prompt):
+    # the eval loss falls, then rises; the job stops two evals after its lowest, and publishes that
+    # eval's adapter.
+    texts = Path(config_dict(tmp_path, jobs=("add",))["jobs"][0]["data"]).parent / "txt.jsonl"
+    held_out_file = tmp_path / "texts_as_completions.jsonl"
+    held_out_file.write_text("".join(
+        json.dumps({"prompt": "", "completion": json.loads(line)["text"]}) + "\n" for line in texts.read_text().splitlines()
+    ))
+    settings = {"eval_data": str(held_out_file), "eval_every": 1, "early_stopping_patience": 2, "max_steps": 12,
+                "lr": 0.05, "lr_schedule": "constant"}
+    data = config_dict(tmp_path, jobs=("add",), add=settings)
+    _, result = train(data, tmp_path)
+    out = Path(data["output_dir"])
+    logged = [r["eval_loss"] for r in metrics(out) if "eval_loss" in r]
+    best = logged.index(min(logged))
+    steps = result.jobs["add"].steps
+    assert len(logged) == steps and steps == best + 1 + 2 < 12  # stopped two evals after its best (step 7 here)
+    held_out = load_samples(held_out_file, "prompt_completion", ByteTokenizer(), 24)
+    assert peft_eval_loss(out, "add", held_out) == pytest.approx(logged[best], rel=1e-5)
+    assert result.jobs["add"].eval_loss == logged[best]

@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 
 from lorafusion.runtime.engine_imports import deepspeed_left_unimported
-from lorafusion.runtime.output_dir import BASE_MODEL_DIR, CHECKPOINTS_DIR, MARKER_FILE
-from lorafusion.runtime.run_directory import RunDirectory
+from lorafusion.runtime.output_dir import BASE_MODEL_DIR, CHECKPOINTS_DIR, OutputDirError
+from lorafusion.runtime.run_directory import RunDirectory, read_marker
 
 from .config import ServerConfig
 from .http_api import ServiceHTTPServer
@@ -28,7 +28,10 @@ class Service:
         """Claim the state directory (a new or empty one, or this service's own from an earlier
         start: it then continues every accepted job), load the base model, listen."""
         state_dir = config.state_dir
-        directory = RunDirectory.claim(state_dir, STATE_ENTRIES, resume=(state_dir / MARKER_FILE).is_file(), overwrite=False)
+        marker = read_marker(state_dir)
+        if marker is not None and DATABASE_FILE not in marker["entries"]:
+            raise OutputDirError(f"{state_dir} holds a lorafusion train run, not a service's state; choose another state_dir")
+        directory = RunDirectory.claim(state_dir, STATE_ENTRIES, resume=marker is not None, overwrite=False)
         store = trainer = None
         try:
             store = JobStore(state_dir / DATABASE_FILE)

@@ -54,6 +54,8 @@ def minimal_config() -> dict:
 def problems_of(data: dict, base_dir: Path) -> list[tuple[str, str]]:
     with pytest.raises(ConfigError) as caught:
         parse_config(data, base_dir)
+    for key, reason in caught.value.problems:  # our one-line wording, never pydantic's own
+        assert "\n" not in reason and "Input should" not in reason and "pydantic" not in reason, (key, reason)
     return caught.value.problems
 
 
@@ -191,6 +193,93 @@ def test_job_validation(base_dir: Path, job_changes: dict, key: str, reason: str
     assert problem[0] == key
     if reason is not None:
         assert problem[1] == reason
+
+
+@pytest.mark.parametrize(
+    ("job_changes", "key", "reason"),
+    [
+        ({"r": "8"}, "jobs[1].r", "must be an integer, got '8' (str)"),
+        ({"r": True}, "jobs[1].r", "must be an integer, got True"),
+        ({"global_batch_size": 4.0}, "jobs[1].global_batch_size", "must be an integer, got 4.0"),
+        ({"lr": True}, "jobs[1].lr", "must be a number, got True"),
+        ({"lr": "inf"}, "jobs[1].lr", "must be a number, got 'inf' (str)"),
+        ({"lr": float("nan")}, "jobs[1].lr", "must be a number, got nan"),
+        ({"use_rslora": 1}, "jobs[1].use_rslora", "must be true or false, got 1"),
+        ({"name": 3}, "jobs[1].name", "must be a non-empty string, got 3"),
+        ({"name": None}, "jobs[1].name", "required, got null"),
+        ({"data": ["data/b.jsonl"]}, "jobs[1].data", "must be a non-empty string, got a list"),
+        ({7: 1}, "jobs[1].7", None),
+        ({"epochs": "1e9"}, "jobs[1].epochs", "must be <= 10000, got 1e9"),
+        ({"seed": 2**70}, "jobs[1].seed", f"must be <= {2**32 - 1}, got {2**70}"),
+        ({"name": "run.json"}, "jobs[1].name", "must match [A-Za-z0-9_-]+ (it names a directory), got 'run.json'"),
+    ],
+)
+def test_types_are_strict(base_dir: Path, job_changes: dict, key: str, reason: str | None) -> None:
+    """No silent coercion: "8" is not 8 and true is not 1; a float string is a number (YAML 1.1's 1e-3)."""
+    data = minimal_config()
+    data["jobs"][1].update(job_changes)
+    problem = only_problem(data, base_dir)
+    assert problem[0] == key
+    if reason is not None:
+        assert problem[1] == reason
+
+
+def test_null_means_the_default(base_dir: Path) -> None:
+    data = minimal_config()
+    data["jobs"][1].update(r=None, lr=None, max_steps=None, target_modules=None)
+    data.update(scheduler=None, parallel={"engine": None}, tokenizer=None, log_every=None)
+    config = parse_config(data, base_dir)
+    job = config.jobs[1]
+    assert (job.r, job.lr, job.max_steps, job.epochs, job.target_modules) == (8, 2e-4, None, 1.0, "all-linear")
+    assert (config.scheduler.capacity, config.parallel.engine, config.tokenizer, config.log_every) == (4096, "none", None, 1)
+
+
+def test_the_default_max_seq_len_meets_a_small_capacity(base_dir: Path) -> None:
+    data = minimal_config()
+    data["scheduler"] = {"capacity": 100}
+    assert problems_of(data, base_dir) == [
+        (f"jobs[{index}].max_seq_len", "512 is larger than scheduler.capacity=100: a sample could not fit a microbatch")
+        for index in (0, 1)
+    ]
+
+
+def test_max_seq_len_beyond_capacity_and_positions_gets_both_problems(base_dir: Path) -> None:
+    data = minimal_config()
+    data["jobs"][0]["max_seq_len"] = 8192
+    assert sorted(reason for _, reason in problems_of(data, base_dir)) == [
+        "8192 is larger than model.config.max_position_embeddings=512",
+        "8192 is larger than scheduler.capacity=4096: a sample could not fit a microbatch",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("parallel", "key", "reason"),
+    [
+        ({"stage_layers": [1, 0]}, "parallel.stage_layers[1]", "must be >= 1, got 0"),
+        ({"stage_layers": [1]}, "parallel.stage_layers", "needs one layer count per stage (2), got 1"),
+        ({"stage_layers": "1,1"}, "parallel.stage_layers", "must be a list, got '1,1' (str)"),
+        ({"pipeline_stages": True}, "parallel.pipeline_stages", "must be an integer, got True"),
+        ({"timeout_s": "1e9"}, "parallel.timeout_s", "must be <= 604800, got 1e9"),
+    ],
+)
+def test_parallel_validation(base_dir: Path, parallel: dict, key: str, reason: str) -> None:
+    data = minimal_config()
+    data["parallel"] = {"engine": "megatron", "pipeline_stages": 2, **parallel}
+    assert only_problem(data, base_dir) == (key, reason)
+
+
+def test_several_problems_in_one_section_and_between_sections(base_dir: Path) -> None:
+    data = minimal_config()
+    data["model"]["config"].update(hidden_size=66, num_hidden_layers=0)
+    data["jobs"][1].update(r=0, max_steps=5, epochs=2, warmup_steps=6, eval_every=2)
+    assert sorted(problems_of(data, base_dir)) == [
+        ("jobs[1]", "max_steps and epochs are both set; set at most one"),
+        ("jobs[1].eval_every", "needs held-out records: set eval_data or eval_fraction"),
+        ("jobs[1].r", "must be in 1..256, got 0"),
+        ("jobs[1].warmup_steps", "6 is more than max_steps=5"),
+        ("model.config.hidden_size", "66 is not divisible by num_attention_heads=4"),
+        ("model.config.num_hidden_layers", "must be >= 1, got 0"),
+    ]
 
 
 def test_max_seq_len_larger_than_capacity(base_dir: Path) -> None:

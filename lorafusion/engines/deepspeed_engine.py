@@ -237,7 +237,7 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
                 # No adapter of this microbatch's jobs on the first stage: DeepSpeed still runs a backward here.
                 output.requires_grad_()
             return output, position_tensor
-        losses = self._job_losses(packed, per_token_loss(output, packed.labels), refs)
+        losses = self.job_losses(packed, per_token_loss(output, packed.labels), refs)
         for name, loss in losses.items():
             if not torch.isfinite(loss) and self._non_finite is None:
                 self._non_finite = f"job {name!r}: non-finite loss ({loss.item()}) at microbatch {position}"
@@ -280,7 +280,7 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
                 return f"job {job.name!r}: non-finite gradient before step {job.step + 1}"
         return None
 
-    def _fail(self, job, reason: str) -> None:
+    def fail_job(self, job, reason: str) -> None:
         raise _NonFiniteValues(f"job {job.name!r}: {reason}")
 
 

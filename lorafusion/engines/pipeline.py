@@ -129,7 +129,7 @@ class PipelineTrainer(MultiJobTrainer):
             offset += grad.numel()
         job.batch_loss = float(flat[-2])
         if flat[-1] > 0:
-            self._fail(job, "non-finite values on another data-parallel replica")
+            self.fail_job(job, "non-finite values on another data-parallel replica")
 
     def save_checkpoint(self, job: JobRun) -> None:
         if self.replica_index == 0:  # the replicas hold the same adapters
@@ -244,7 +244,7 @@ class PipelineTrainer(MultiJobTrainer):
         # A tuple: megatron's combined send/recv calls take a list as a list of shapes.
         position, refs = slot
         # A microbatch with samples to train is packed whole, placeholders included (see pack).
-        tokens = sum(ref.tokens for ref in self._schedule.microbatches[position].samples) if refs else 0
+        tokens = sum(ref.tokens for ref in self.schedule.microbatches[position].samples) if refs else 0
         return (1, tokens, self.hidden_size)
 
     def _one_forward_one_backward(self, slots: list) -> None:
@@ -298,7 +298,7 @@ class PipelineTrainer(MultiJobTrainer):
         tokens = received.shape[1] - self._flag_rows
         for flag, job in zip(received[0, tokens:].reshape(-1).tolist(), self.jobs.values()):
             if flag > 0:
-                self._fail(job, "non-finite values on another pipeline stage")
+                self.fail_job(job, "non-finite values on another pipeline stage")
         return received[:, :tokens].detach()
 
     def _share_failures(self) -> None:
@@ -307,7 +307,7 @@ class PipelineTrainer(MultiJobTrainer):
         dist.all_reduce(flags)
         for flag, job in zip(flags.tolist(), self.jobs.values()):
             if flag > 0:
-                self._fail(job, "non-finite values on another rank")
+                self.fail_job(job, "non-finite values on another rank")
 
     def _timed_forward(self, slot, stage_input, in_flight):
         tokens = self._shape(slot)[1]
@@ -331,12 +331,12 @@ class PipelineTrainer(MultiJobTrainer):
         with multi_lora_batch(self.model, packed.lora_batch):
             output = self.stage(stage_input, packed.position_ids, packed.sample_lengths)
         if self.is_last_stage:
-            losses = self._job_losses(packed, per_token_loss(output, packed.labels), refs)
+            losses = self.job_losses(packed, per_token_loss(output, packed.labels), refs)
             kept = []
             for name, loss in losses.items():
                 job = self.jobs[name]
                 if job.status != "failed" and not torch.isfinite(loss):
-                    self._fail(job, f"non-finite loss ({loss.item()}) at microbatch {position}")
+                    self.fail_job(job, f"non-finite loss ({loss.item()}) at microbatch {position}")
                 if job.status == "failed":
                     continue  # its tokens still flow; their loss no longer counts
                 job.batch_loss += loss.item()
@@ -361,11 +361,11 @@ class PipelineTrainer(MultiJobTrainer):
         self.count_trained(self._chunk_refs.get(item.position, item.refs))
         return input_grad
 
-    def _fail(self, job: JobRun, reason: str) -> None:
+    def fail_job(self, job: JobRun, reason: str) -> None:
         if job.status == "failed":
             return
         print(f"lorafusion train: job {job.name!r} stopped on stage {self.stage_index}: {reason}", file=sys.stderr)
-        super()._fail(job, reason)
+        super().fail_job(job, reason)
 
 
 def _slots_to_run(slots: list, busy: list[bool], stop_after: int | None) -> tuple[list, int]:

@@ -352,7 +352,7 @@ class MultiJobTrainer(TrainingLoop):
         if self.is_reporter:
             warn_truncated(self)
         schedule = self.prepare_run(resume, schedule)
-        self._schedule = schedule
+        self.schedule = schedule
         for job in self.jobs.values():
             if job.status == "failed":
                 self._write_status(job)

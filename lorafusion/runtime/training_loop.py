@@ -8,14 +8,14 @@ trained alone; then (and only then) the job steps (job_state.JobRun).
 
 Two drivers use it: the offline trainer (trainer.MultiJobTrainer: every job known at the start,
 one planned schedule) and the service (lorafusion.service: jobs come and go between planning
-windows). A driver sets `model`, `device`, `jobs`, `checkpoints` (a CheckpointStore) and
-`checkpoint_every`, and the schedule `pack` reads (`_schedule`); it may override the hooks
-`_write_status`, `_log_step` and `publish_adapter`.
+windows). A driver sets `model`, `device`, `jobs`, `checkpoints` (a CheckpointStore),
+`checkpoint_every`, and `schedule`, whose microbatches `pack` reads by position; it may override
+the hooks `_write_status`, `_log_step` and `publish_adapter`.
 
 The pipeline engines (lorafusion.engines) run the same loop on one stage each, through this
 interface: they override `setup_stage`, `owned_lora_modules`, `reduce_gradients`,
-`save_checkpoint` and `_fail`, set `stage_index`, `num_stages`, `publishes_when_finished`, and call
-`live_refs`, `pack`, `_job_losses` and `count_trained`.
+`save_checkpoint` and `fail_job`, set `stage_index`, `num_stages`, `publishes_when_finished`, and
+call `live_refs`, `pack`, `job_losses`, `count_trained` and `fail_job`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from lorafusion.apply import multi_lora_modules
 from lorafusion.adapters import adapter_key
 from lorafusion.modules import multi_lora_batch
+from lorafusion.scheduler import Schedule
 
 from .checkpoints import CheckpointStore
 from .job_state import JobRun
@@ -41,6 +42,7 @@ class TrainingLoop:
     jobs: dict[str, JobRun]
     checkpoints: CheckpointStore
     checkpoint_every: int | None = None
+    schedule: Schedule  # the microbatches being trained, by position
     # The base of every microbatch's dropout seed (each layer mixes in its own offset).
     dropout_seed_base: int = 0
 
@@ -102,7 +104,7 @@ class TrainingLoop:
         trained = set(refs)
         entries = [
             (ref.job, self.jobs[ref.job].sample_at(ref.index)) if ref in trained else (None, padding_sample(ref.tokens))
-            for ref in self._schedule.microbatches[position].samples
+            for ref in self.schedule.microbatches[position].samples
         ]
         seed = (self.dropout_seed_base * 1_000_003 + position) % (2**31 - 1)
         return pack_samples(entries, self.device, dropout_seed=seed)
@@ -123,9 +125,9 @@ class TrainingLoop:
         packed = self.pack(position, refs)
         with multi_lora_batch(self.model, packed.lora_batch):
             logits = self.model(**packed.model_inputs()).logits
-        return self._job_losses(packed, per_token_loss(logits, packed.labels), refs)
+        return self.job_losses(packed, per_token_loss(logits, packed.labels), refs)
 
-    def _job_losses(self, packed: PackedMicrobatch, token_losses: torch.Tensor, refs: list) -> dict[str, torch.Tensor]:
+    def job_losses(self, packed: PackedMicrobatch, token_losses: torch.Tensor, refs: list) -> dict[str, torch.Tensor]:
         names = list(dict.fromkeys(packed.jobs))
         job_of_sample = torch.tensor([names.index(j) for j in packed.jobs], device=token_losses.device)
         sums = token_losses.new_zeros(len(names)).index_add(0, job_of_sample[packed.sample_of_token], token_losses)
@@ -156,7 +158,7 @@ class TrainingLoop:
         if loss is None:
             return
         if not math.isfinite(loss):
-            self._fail(job, f"non-finite loss ({loss}) in global batch {global_batch}")
+            self.fail_job(job, f"non-finite loss ({loss}) in global batch {global_batch}")
             return
         job.batch_loss += loss
 
@@ -173,7 +175,7 @@ class TrainingLoop:
             raise RuntimeError(f"job {job.name!r}: global batch {global_batch} completed before batch {job.step} (schedule out of order)")
         failure = job.optimizer_step()
         if failure is not None:
-            self._fail(job, failure)
+            self.fail_job(job, failure)
             return
         job.step += 1
         job.last_loss = job.batch_loss
@@ -207,7 +209,7 @@ class TrainingLoop:
             for key, parameter in job.named_parameters.items():
                 parameter.copy_(job.evaluation.best_parameters[key])
 
-    def _fail(self, job: JobRun, reason: str) -> None:
+    def fail_job(self, job: JobRun, reason: str) -> None:
         job.fail(reason)
         self._write_status(job)
 

@@ -197,12 +197,12 @@ class ServiceTrainer(TrainingLoop):
     def _train_window(self, window) -> None:
         """Train the window's plan; whenever the jobs change meanwhile (an arrival, a cancel, a
         failure), the next window is planned again in the background at once."""
-        self._schedule = self._planner.plan(window)
+        self.schedule = self._planner.plan(window)
         self._planner.plan_ahead(following_window(self.jobs, self.server.window_batches, window))
         self.dropout_seed_base = self.server.training.model.seed * 65_537 + self._window_index
         self._window_index += 1
         stopped = self._stopped_in(window)
-        for position, microbatch in enumerate(self._schedule.microbatches):
+        for position, microbatch in enumerate(self.schedule.microbatches):
             if self.stop_requested.is_set():
                 return
             changed = self._wake.is_set()

@@ -70,16 +70,17 @@ class JobStore:
         with self._lock:
             self._db.close()
 
-    def _write(self, statement: str, parameters: tuple = ()) -> sqlite3.Cursor:
+    def _write(self, statement: str, parameters: tuple = (), *more: tuple[str, tuple]) -> None:
+        """Run the statement (and `more` (statement, parameters) pairs) as one committed transaction."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                cursor = self._db.execute(statement, parameters)
+                for each, values in ((statement, parameters), *more):
+                    self._db.execute(each, values)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-            return cursor
 
     def _read(self, statement: str, parameters: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -89,14 +90,15 @@ class JobStore:
 
     def add(self, name: str, spec: dict, data_digest: str) -> dict:
         """Accept a job (queued); raises DuplicateJob if the name was ever used."""
+        now = time.time()
         try:
             self._write(
                 "INSERT INTO jobs (name, spec, data_digest, state, submitted_at) VALUES (?, ?, ?, 'queued', ?)",
-                (name, json.dumps(spec), data_digest, time.time()),
+                (name, json.dumps(spec), data_digest, now),
+                ("INSERT INTO logs (name, at, line) VALUES (?, ?, 'submitted')", (name, now)),
             )
         except sqlite3.IntegrityError:
             raise DuplicateJob(name) from None
-        self.log(name, "submitted")
         return self.get(name)
 
     def get(self, name: str) -> dict | None:

@@ -22,10 +22,19 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"lorafusion serve: invalid config {args.config}:\n{error}", file=sys.stderr)
         return 2
+    import torch
     from transformers.utils import logging as transformers_logging
 
+    from lorafusion.runtime.threads import set_cpu_threads
     from lorafusion.service.server import Service
 
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError:
+        print(f"lorafusion serve: --device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)", file=sys.stderr)
+        return 2
+    if (device.type if device else "cuda" if torch.cuda.is_available() else "cpu") == "cpu":
+        set_cpu_threads()  # as lorafusion train: the cores the load leaves free, unless OMP_NUM_THREADS says
     transformers_logging.disable_progress_bar()  # its "Writing model shards" bar, saving an inline base model
     try:
         service = Service.start(server_config, device=args.device)

@@ -141,6 +141,10 @@ def test_serve_reports_every_config_problem_in_one_go(tmp_path, capsys):
     assert err[0] == f"lorafusion serve: invalid config {tmp_path / 'server.yaml'}:"
     keys = [line.split(":")[0] for line in err[1:]]
     assert sorted(keys) == ["data_roots[0]", "parallel.engine", "port", "state_dir", "window_batches"], err
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "good.yaml").write_text(json.dumps(server_dict(tmp_path)))
+    assert main(["serve", str(tmp_path / "good.yaml"), "--device", "gpu0"]) == 2
+    assert capsys.readouterr().err == "lorafusion serve: --device 'gpu0' is not a torch device (e.g. cpu, cuda, cuda:1)\n"
 
 
 def test_a_state_directory_serves_one_service_at_a_time(tmp_path, capsys):

@@ -109,6 +109,7 @@ from .config_schema import (
     WarmupSteps,
     hub_hint,  # noqa: F401 - part of this module's interface (commands.generate)
     resolve,
+    without_nulls,
 )
 from .output_dir import RESERVED_NAMES
 
@@ -265,10 +266,7 @@ class ConfigSections(BaseModel):
     log_every: PositiveInt = 1
     backend: Backend = "auto"
 
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, data: Any) -> Any:
-        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+    _nulls_are_defaults = model_validator(mode="before")(without_nulls)
 
     @field_validator("jobs", mode="wrap")
     @classmethod

@@ -50,6 +50,7 @@ _REASONS = {
     "dataclass_type": "must be a mapping, got {described}",
     "model_type": "must be a mapping, got {described}",
     "tuple_type": "must be a list, got {described}",
+    "list_type": "must be a list, got {described}",
     "too_short": "must not be empty",
 }
 _UNKNOWN_KEY = ("extra_forbidden", "unexpected_keyword_argument")

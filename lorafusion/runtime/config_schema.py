@@ -67,13 +67,13 @@ def _float_from_string(value: object) -> object:
 T = TypeVar("T")
 
 
-def _without_nulls(value: object) -> object:
+def without_nulls(value: object) -> object:
     """`key: null` (or `key:` with nothing) means the key's default, as if it were absent."""
     return {key: item for key, item in value.items() if item is not None} if isinstance(value, dict) else value
 
 
 # A mapping of keys -> values whose nulls mean "the default".
-Section = Annotated[T, BeforeValidator(_without_nulls)]
+Section = Annotated[T, BeforeValidator(without_nulls)]
 
 PositiveInt = Annotated[int, Strict(), Field(ge=1)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]

@@ -20,14 +20,50 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, Strict, ValidationError, ValidationInfo, model_validator
 
 from lorafusion.runtime.config import ConfigError, JobSpec, TrainConfig, parse_config
+from lorafusion.runtime.config_errors import fail, problem
+from lorafusion.runtime.config_schema import Directory, NonEmptyStr, PositiveInt, without_nulls
 from lorafusion.safe_yaml import YAMLInputError, load_yaml
 
 from .client import DEFAULT_PORT, TOKEN_ENV
 
-SERVER_KEYS = ("state_dir", "data_roots", "host", "port", "token", "window_batches")
 TRAINING_KEYS = ("model", "tokenizer", "scheduler", "parallel", "backend", "checkpoint_every")
+MIN_TOKEN_LENGTH = 16
+
+
+def _token(token: object) -> str:
+    if not isinstance(token, str) or len(token) < MIN_TOKEN_LENGTH:  # never echoed: it is a secret
+        fail(f"must be a string of at least {MIN_TOKEN_LENGTH} characters")
+    return token
+
+
+def _token_off_loopback(token: str | None, info: ValidationInfo) -> str | None:
+    host = info.data.get("host")
+    if token is None and host is not None and not is_loopback(host):
+        fail(f"required when host is not a loopback address (host: {host}); or set {TOKEN_ENV}")
+    return token
+
+
+class ServerKeys(BaseModel):
+    """SERVER.yaml's own keys; the training sections beside them are a training config's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state_dir: NonEmptyStr
+    data_roots: Annotated[list[Directory], Field(min_length=1)]
+    host: NonEmptyStr = "127.0.0.1"
+    token: Annotated[Annotated[str, PlainValidator(_token)] | None, Field(validate_default=True), AfterValidator(_token_off_loopback)] = None
+    port: Annotated[int, Strict(), Field(ge=0, le=65535)] = DEFAULT_PORT  # 0: any free port
+    window_batches: PositiveInt = 4
+
+    _nulls_are_defaults = model_validator(mode="before")(without_nulls)
+
+
+SERVER_KEYS = tuple(ServerKeys.model_fields)
 
 
 @dataclass(frozen=True)
@@ -53,19 +89,21 @@ def load_server_config(path: str | os.PathLike) -> ServerConfig:
 
 
 def parse_server_config(data: object, base_dir: Path) -> ServerConfig:
+    """SERVER.yaml's mapping: its own keys (ServerKeys) and the training sections (the training
+    config's parser, with state_dir as output_dir), every problem of both at once."""
     if not isinstance(data, dict):
         raise ConfigError([("<file>", "must be a mapping with keys model, state_dir, data_roots, ...")])
+    own = {key: value for key, value in data.items() if key not in TRAINING_KEYS}
+    own["token"] = data.get("token") or os.environ.get(TOKEN_ENV) or None
     problems: list[tuple[str, str]] = []
-    for key in data:
-        if key not in SERVER_KEYS + TRAINING_KEYS:
-            problems.append((str(key), f"unknown key; known keys: {', '.join(SERVER_KEYS + TRAINING_KEYS)}"))
-    training = None
+    server = training = None
+    try:
+        server = ServerKeys.model_validate(own, context={"base_dir": base_dir})
+    except ValidationError as error:
+        problems += [problem(details, own, lambda loc: [*SERVER_KEYS, *TRAINING_KEYS] if len(loc) == 1 else None) for details in error.errors()]
     sections = {key: data[key] for key in TRAINING_KEYS if key in data}
-    state_dir = data.get("state_dir")
-    if not isinstance(state_dir, str) or not state_dir:
-        problems.append(("state_dir", "required: a directory for the service's queue, checkpoints and adapters"))
-    else:
-        sections["output_dir"] = state_dir
+    if isinstance(own.get("state_dir"), str) and own["state_dir"]:
+        sections["output_dir"] = own["state_dir"]
     try:
         training = parse_config(sections, base_dir, require_jobs=False)
     except ConfigError as error:
@@ -74,33 +112,10 @@ def parse_server_config(data: object, base_dir: Path) -> ServerConfig:
         problems.append(("parallel.engine", f"{training.parallel.engine!r}: lorafusion serve trains in one process (engine: none)"))
     if training is not None and training.model.quantize is not None:
         problems.append(("model.quantize", "not supported by lorafusion serve"))
-    roots = data.get("data_roots")
-    data_roots: list[Path] = []
-    if not isinstance(roots, list) or not roots or not all(isinstance(r, str) and r for r in roots):
-        problems.append(("data_roots", "required: a non-empty list of directories that submitted jobs' data may come from"))
-    else:
-        for index, root in enumerate(roots):
-            resolved = (base_dir / Path(root).expanduser()).resolve()
-            if not resolved.is_dir():
-                problems.append((f"data_roots[{index}]", f"directory not found: {resolved}"))
-            data_roots.append(resolved)
-    host = data.get("host", "127.0.0.1")
-    if not isinstance(host, str) or not host:
-        problems.append(("host", f"must be a host name or address, got {host!r}"))
-    port = data.get("port", DEFAULT_PORT)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        problems.append(("port", f"must be an integer in 0..65535 (0: any free port), got {port!r}"))
-    token = data.get("token") or os.environ.get(TOKEN_ENV) or None
-    if token is not None and (not isinstance(token, str) or len(token) < 16):
-        problems.append(("token", "must be a string of at least 16 characters"))
-    if isinstance(host, str) and host and not is_loopback(host) and token is None:
-        problems.append(("token", f"required when host is not a loopback address (host: {host}); or set {TOKEN_ENV}"))
-    window = data.get("window_batches", 4)
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        problems.append(("window_batches", f"must be an integer >= 1, got {window!r}"))
     if problems:
         raise ConfigError(problems)
-    return ServerConfig(training, training.output_dir, tuple(data_roots), host, port, token, window)
+    data_roots = tuple(Path(root).resolve() for root in server.data_roots)
+    return ServerConfig(training, training.output_dir, data_roots, server.host, server.port, server.token, server.window_batches)
 
 
 def is_loopback(host: str) -> bool:

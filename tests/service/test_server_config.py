@@ -1,0 +1,48 @@
+"""SERVER.yaml's own keys are declared (lorafusion.service.config.ServerKeys) beside the training
+sections: every problem of both at once, one line each with its key, the token never echoed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lorafusion.runtime.config import ConfigError
+from lorafusion.service.config import parse_server_config
+from service_fixtures import server_dict
+
+SECRET = "not-long-enough"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "reason"),
+    [
+        ({"port": 70000}, "port", "must be <= 65535, got 70000"),
+        ({"port": "8631"}, "port", "must be an integer, got '8631' (str)"),
+        ({"window_batches": 0}, "window_batches", "must be >= 1, got 0"),
+        ({"data_roots": "data"}, "data_roots", "must be a list, got 'data' (str)"),
+        ({"data_roots": []}, "data_roots", "must not be empty"),
+        ({"state_dir": 3}, "state_dir", "must be a non-empty string, got 3"),
+        ({"stat_dir": "x"}, "stat_dir", "unknown key; did you mean 'state_dir'?"),
+        ({"jobs": []}, "jobs", None),  # jobs are submitted, not configured
+        ({"token": SECRET}, "token", "must be a string of at least 16 characters"),
+        ({"host": "0.0.0.0"}, "token", "required when host is not a loopback address (host: 0.0.0.0); or set LORAFUSION_TOKEN"),
+        ({"scheduler": {"capacity": "96"}}, "scheduler.capacity", "must be an integer, got '96' (str)"),
+    ],
+)
+def test_each_bad_key_is_named(tmp_path: Path, monkeypatch, overrides: dict, key: str, reason: str | None) -> None:
+    monkeypatch.delenv("LORAFUSION_TOKEN", raising=False)
+    with pytest.raises(ConfigError) as caught:
+        parse_server_config(server_dict(tmp_path, **overrides), tmp_path)
+    assert len(caught.value.problems) == 1 and caught.value.problems[0][0] == key, caught.value.problems
+    if reason is not None:
+        assert caught.value.problems[0][1] == reason
+    assert SECRET not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_defaults_and_a_token_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LORAFUSION_TOKEN", "t" * 16)
+    config = parse_server_config(server_dict(tmp_path, host="0.0.0.0", port=None, window_batches=None), tmp_path)
+    assert (config.host, config.port, config.token, config.window_batches) == ("0.0.0.0", 8631, "t" * 16, 4)
+    assert config.data_roots == ((tmp_path / "data").resolve(),) and config.state_dir == tmp_path / "state"
+    assert config.training.jobs == () and config.training.output_dir == tmp_path / "state"

@@ -19,8 +19,6 @@ from lorafusion.lora_state import (
     MULTI_CONFIG_ATTRIBUTE,
     get_lora_config,
     get_multi_lora_configs,
-    lora_modules,
-    multi_lora_modules,
 )
 from lorafusion.qlora import NF4Linear, check_quantize
 

@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import load_file
 
 from lorafusion.adapters import WEIGHTS_FILE
-from lorafusion.apply import apply_multi_lora, get_multi_lora_configs
+from lorafusion.apply import apply_multi_lora
+from lorafusion.lora_state import get_multi_lora_configs
 from lorafusion.config import LoRAConfig
 from lorafusion.scheduler import Job, Schedule
 
@@ -65,7 +66,7 @@ from .tokenizer import load_tokenizer
 from .training_loop import TrainingLoop
 
 __all__ = [
-    "JobRun", "JobSummary", "MultiJobTrainer", "TrainResult", "check_attention_window", "lr_lambda", "print_summary",
+    "JobRun", "JobSummary", "MultiJobTrainer", "TrainResult", "lr_lambda", "print_summary",
     "save_inline_base_model", "training_order",
 ]
 
@@ -105,20 +106,6 @@ def _tensorboard_writer(log_dir: Path):
     except ImportError:
         return None
     return SummaryWriter(log_dir=str(log_dir))
-
-
-def check_attention_window(model_config, jobs) -> None:
-    """The packed attention is causal over each whole sample; a model with sliding-window attention
-    would compute something else for samples longer than its window, so those are refused."""
-    window = getattr(model_config, "sliding_window", None)
-    if not window or not getattr(model_config, "use_sliding_window", True):
-        return
-    too_long = [f"{spec.name} (max_seq_len={spec.max_seq_len})" for spec in jobs if spec.max_seq_len > window]
-    if too_long:
-        raise ValueError(
-            f"the model uses sliding-window attention (sliding_window={window}), which the packed attention "
-            f"does not apply: set max_seq_len <= {window} for {', '.join(too_long)}"
-        )
 
 
 def save_inline_base_model(model_spec, tokenizer, root: Path, keep_complete: bool) -> Path:
@@ -178,7 +165,6 @@ class MultiJobTrainer(TrainingLoop):
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.model.config.vocab_size}: set model.config.vocab_size >= {self.tokenizer.vocab_size}"
             )
-        check_attention_window(self.model.config, config.jobs)
         base_path = config.model.path or str(self.output_dir / "base_model")
         lora_configs = {
             spec.name: LoRAConfig(

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from lorafusion.apply import multi_lora_modules
+from lorafusion.lora_state import multi_lora_modules
 from lorafusion.adapters import adapter_key
 from lorafusion.modules import multi_lora_batch
 from lorafusion.scheduler import Schedule

@@ -8,7 +8,8 @@ import zlib
 
 import torch
 
-from lorafusion.apply import adapter_init_generator, find_target_modules, multi_lora_modules
+from lorafusion.apply import adapter_init_generator, find_target_modules
+from lorafusion.lora_state import multi_lora_modules
 from lorafusion.config import LoRAConfig
 from lorafusion.modules import MultiLoRALinear
 

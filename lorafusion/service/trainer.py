@@ -29,7 +29,7 @@ from lorafusion.runtime.data import DataError, Sample
 from lorafusion.runtime.job_state import JobRun, load_job_samples, training_order
 from lorafusion.runtime.model import build_base_model
 from lorafusion.runtime.tokenizer import load_tokenizer
-from lorafusion.runtime.trainer import check_attention_window, save_inline_base_model
+from lorafusion.runtime.trainer import save_inline_base_model
 from lorafusion.runtime.training_loop import TrainingLoop
 
 from .adapters import add_adapter, remove_adapter, target_problems
@@ -141,10 +141,6 @@ class ServiceTrainer(TrainingLoop):
             for key in UNSUPPORTED_JOB_KEYS
             if getattr(spec, key, None) is not None
         ]
-        try:
-            check_attention_window(self.model.config, [spec])
-        except ValueError as error:
-            problems.append(("max_seq_len", str(error)))
         try:
             samples = load_job_samples(spec, self.tokenizer)
             training_order(len(samples), spec)

@@ -33,7 +33,7 @@ def model_directory(path: str, flag: str = "--model") -> str:
     """`path` if it is a local Hugging Face model directory; else a ValueError naming `flag`.
     Checked first, so that a typo is not looked up on the Hugging Face Hub."""
     if not Path(path).is_dir():
-        from lorafusion.runtime.config import hub_hint
+        from lorafusion.runtime.config_schema import hub_hint
 
         raise ValueError(f"{flag} {path}: directory not found{hub_hint(path)}")
     if not (Path(path) / "config.json").is_file():

@@ -69,7 +69,6 @@ from .config_errors import describe, fail, problem
 from .config_schema import (
     ARCHITECTURES,
     JOB_NAME_PATTERN,
-    MAX_SAMPLES_PER_JOB,  # noqa: F401 - part of this module's interface (runtime.job_state)
     Architecture,
     Backend,
     CheckpointDirectory,
@@ -107,7 +106,6 @@ from .config_schema import (
     TargetModules,
     TimeoutSeconds,
     WarmupSteps,
-    hub_hint,  # noqa: F401 - part of this module's interface (commands.generate)
     resolve,
     without_nulls,
 )

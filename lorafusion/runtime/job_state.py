@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import MAX_SAMPLES_PER_JOB, JobSpec
+from .config import JobSpec
+from .config_schema import MAX_SAMPLES_PER_JOB
 from .data import Sample
 from .eval_loss import JobEvaluation, job_samples
 

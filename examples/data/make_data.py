@@ -19,10 +19,11 @@ EVAL_RECORDS = 200
 
 
 def addition(rng: random.Random) -> list[dict]:
-    """Every sum of a number below 100 and a digit (1000 of them, 800 trained on): a 2-layer model
-    with LoRA on a random base learns these, with their carries, within the quickstart's budget;
-    sums of two 2-digit numbers it does not (6% exact on unseen ones after 300 steps in our trials)."""
-    pairs = [(a, b) for a in range(100) for b in range(10)]
+    """Every sum of a three-digit number and a digit (9000 of them; 8800 trained on, each seen about
+    three times). With the 1000 sums of a number below 100 and a digit, 800 of them trained on, the
+    adapter learnt the training sums by heart in our trials (87% exact) and got 35% of unseen ones
+    right; with more sums than it can memorise, it learns to add and carry instead."""
+    pairs = [(a, b) for a in range(100, 1000) for b in range(10)]
     rng.shuffle(pairs)
     return [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in pairs]
 
@@ -43,8 +44,8 @@ def reverse(rng: random.Random) -> list[dict]:
 
 
 def uppercase(rng: random.Random) -> list[dict]:
-    # The task name stays here: without it the same job reached 66% instead of 99% in our trials.
-    return [{"prompt": f"upper: {w} ->", "completion": f" {w.upper()}"} for w in _words(rng, (3, 5))]
+    # The same prompt format as reverse: one prompt, two adapters, two answers.
+    return [{"prompt": f"{w} ->", "completion": f" {w.upper()}"} for w in _words(rng, (3, 4))]
 
 
 def write(path: Path, records: list[dict]) -> None:
@@ -55,7 +56,7 @@ def main() -> None:
     for seed, (name, make) in enumerate([("addition", addition), ("reverse", reverse), ("uppercase", uppercase)]):
         records = make(random.Random(seed))
         write(HERE / f"{name}_eval.jsonl", records[:EVAL_RECORDS])
-        write(HERE / f"{name}.jsonl", records[EVAL_RECORDS : EVAL_RECORDS + TRAIN_RECORDS])
+        write(HERE / f"{name}.jsonl", records[EVAL_RECORDS:])
 
 
 if __name__ == "__main__":

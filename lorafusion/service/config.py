@@ -12,6 +12,8 @@ with its key path. Server keys::
     port: 8631
     token: null                 # clients send it as "Authorization: Bearer TOKEN"
     window_batches: 4           # global batches per job in one planning window
+    admission: size_aware       # or all_live: which running jobs each window trains (admission.py)
+    max_wait_windows: 64        # size_aware: a job left out this many windows in a row goes first
 """
 
 from __future__ import annotations
@@ -26,7 +28,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 
 from lorafusion.runtime.config import ConfigError, JobSpec, TrainConfig, parse_config
 from lorafusion.runtime.config_errors import fail, problem
-from lorafusion.runtime.config_schema import Directory, NonEmptyStr, PositiveInt, without_nulls
+from lorafusion.runtime.config_schema import Directory, NonEmptyStr, PositiveInt, choice, without_nulls
+from lorafusion.scheduler.admission import DEFAULT_MAX_WAIT_WINDOWS
+
+from .admission import ADMISSIONS
 from lorafusion.safe_yaml import YAMLInputError, load_yaml
 
 from .client import DEFAULT_PORT, TOKEN_ENV
@@ -59,6 +64,8 @@ class ServerKeys(BaseModel):
     token: Annotated[Annotated[str, PlainValidator(_token)] | None, Field(validate_default=True), AfterValidator(_token_off_loopback)] = None
     port: Annotated[int, Strict(), Field(ge=0, le=65535)] = DEFAULT_PORT  # 0: any free port
     window_batches: PositiveInt = 4
+    admission: choice(ADMISSIONS) = "size_aware"
+    max_wait_windows: PositiveInt = DEFAULT_MAX_WAIT_WINDOWS
 
     _nulls_are_defaults = model_validator(mode="before")(without_nulls)
 
@@ -75,6 +82,8 @@ class ServerConfig:
     port: int
     token: str | None
     window_batches: int
+    admission: str
+    max_wait_windows: int
 
 
 def load_server_config(path: str | os.PathLike) -> ServerConfig:
@@ -115,7 +124,10 @@ def parse_server_config(data: object, base_dir: Path) -> ServerConfig:
     if problems:
         raise ConfigError(problems)
     data_roots = tuple(Path(root).resolve() for root in server.data_roots)
-    return ServerConfig(training, training.output_dir, data_roots, server.host, server.port, server.token, server.window_batches)
+    return ServerConfig(
+        training, training.output_dir, data_roots, server.host, server.port, server.token, server.window_batches,
+        server.admission, server.max_wait_windows,
+    )
 
 
 def is_loopback(host: str) -> bool:

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     tokens INTEGER NOT NULL DEFAULT 0,
     tokens_per_s REAL,
     failure TEXT,
-    adapter_dir TEXT
+    adapter_dir TEXT,
+    windows_waited INTEGER NOT NULL DEFAULT 0  -- planning windows in a row left out (admission.py)
 );
 CREATE TABLE IF NOT EXISTS logs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -65,6 +66,9 @@ class JobStore:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA synchronous = FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "windows_waited" not in columns:  # a state directory from before admission
+            self._db.execute("ALTER TABLE jobs ADD COLUMN windows_waited INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -141,6 +145,18 @@ class JobStore:
         self._write(
             "UPDATE jobs SET state = ?, failure = ?, adapter_dir = ?, ended_at = ? WHERE name = ?",
             (state, failure, adapter_dir, time.time(), name),
+        )
+
+    def windows_waited(self) -> dict[str, int]:
+        """Each job's count of planning windows in a row it was left out of, where not 0."""
+        rows = self._read("SELECT name, windows_waited FROM jobs WHERE windows_waited > 0")
+        return {row["name"]: row["windows_waited"] for row in rows}
+
+    def set_windows_waited(self, counts: dict[str, int]) -> None:
+        """The counts after a window (jobs not in `counts`: 0), in one transaction."""
+        self._write(
+            "UPDATE jobs SET windows_waited = 0 WHERE windows_waited > 0", (),
+            *(("UPDATE jobs SET windows_waited = ? WHERE name = ?", (count, name)) for name, count in counts.items() if count),
         )
 
     # ---- logs -----------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 One thread (`run`) does all training: at each window's start it admits the jobs accepted since
 (putting their adapters on the model, or restoring them from their checkpoints after a restart),
-takes the window's plan (planned in the background during the previous window) and trains it,
-carrying out cancel requests between microbatches. Each job trains as if alone: its own data
-order, global batches, loss normalisation, optimizer and LR schedule (job_state.py), whatever
-trains beside it; and the windows hand it its global batches in order.
+chooses which of them the window trains (admission.py: SERVER.yaml's `admission`), takes the
+window's plan (planned in the background during the previous window) and trains it, carrying out
+cancel requests between microbatches. A job is `running` in the store from the first window that
+trains it, `queued` until then. Each job trains as if alone: its own data order, global batches,
+loss normalisation, optimizer and LR schedule (job_state.py), whatever trains beside it; and the
+windows hand it its global batches in order.
 
 Files under the state directory (besides store.py's database):
     checkpoints/<job>/step-<k>/stage-0-of-1.pt   the job's checkpoints (checkpoints.py)
@@ -33,6 +35,7 @@ from lorafusion.runtime.trainer import save_inline_base_model
 from lorafusion.runtime.training_loop import TrainingLoop
 
 from .adapters import add_adapter, remove_adapter, target_problems
+from .admission import WindowAdmission
 from .config import ServerConfig, data_root_problems, parse_job
 from .store import DuplicateJob, JobStore
 from .windows import WindowPlanner, following_window, window_of
@@ -84,12 +87,16 @@ class ServiceTrainer(TrainingLoop):
         self.checkpoint_every = training.checkpoint_every
         self.jobs: dict[str, JobRun] = {}
         self.lora_configs: dict[str, LoRAConfig] = {}
-        self._admitted_at: dict[str, tuple[float, int]] = {}  # time and tokens_seen at admission
+        self._started_at: dict[str, tuple[float, int]] = {}  # time and tokens_seen at its first window here
         self._validated: dict[str, tuple[JobSpec, list[Sample]]] = {}  # by submit, for admission
         self._model_lock = threading.Lock()  # the model's layers change when an adapter goes on
         self._wake = threading.Event()  # a job was submitted or a cancel requested
         self.stop_requested = threading.Event()
         self._planner = WindowPlanner(training.scheduler)
+        self.admission = WindowAdmission(
+            server.admission, training.scheduler.capacity, server.window_batches, server.max_wait_windows,
+            waited=store.windows_waited(),
+        )
         self._window_index = 0
 
     # ---- submissions (HTTP threads) ---------------------------------------------------------------
@@ -169,11 +176,14 @@ class ServiceTrainer(TrainingLoop):
         try:
             while not self.stop_requested.is_set():
                 self._admit_and_cancel()
-                window = window_of(self.jobs, self.server.window_batches)
-                if not window:
+                candidates = window_of(self.jobs, self.server.window_batches)
+                if not candidates:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
+                window = self.admission.choose(candidates, self.jobs)
+                if self.admission.record(candidates, window):
+                    self.store.set_windows_waited(self.admission.waited)
                 self._train_window(window)
             self._checkpoint_running()
         finally:
@@ -194,7 +204,9 @@ class ServiceTrainer(TrainingLoop):
         """Train the window's plan; whenever the jobs change meanwhile (an arrival, a cancel, a
         failure), the next window is planned again in the background at once."""
         self.schedule = self._planner.plan(window)
-        self._planner.plan_ahead(following_window(self.jobs, self.server.window_batches, window))
+        self._planner.plan_ahead(self._following(window))
+        for w in window:
+            self._start(self.jobs[w.name])
         self.dropout_seed_base = self.server.training.model.seed * 65_537 + self._window_index
         self._window_index += 1
         stopped = self._stopped_in(window)
@@ -209,8 +221,21 @@ class ServiceTrainer(TrainingLoop):
                 self._run_microbatch(position, refs)
             if changed or self._stopped_in(window) != stopped:
                 stopped = self._stopped_in(window)
-                self._planner.plan_ahead(following_window(self.jobs, self.server.window_batches, window))
+                self._planner.plan_ahead(self._following(window))
         self._retire_ended()
+
+    def _following(self, window) -> tuple:
+        """The window expected after `window`, if its jobs train it through: admission chooses
+        among the running jobs as they will be then (the wait counts are those after `window`)."""
+        return self.admission.choose(following_window(self.jobs, self.server.window_batches, window), self.jobs)
+
+    def _start(self, job: JobRun) -> None:
+        """The job's first window in this process: it is running."""
+        if job.name in self._started_at:
+            return
+        self._started_at[job.name] = (time.perf_counter(), job.tokens_seen)
+        self.store.started(job.name, job.num_steps, job.step)
+        self.store.log(job.name, f"training: {job.num_steps} steps of {job.spec.global_batch_size} samples")
 
     def _stopped_in(self, window) -> int:
         """How many of the window's jobs have stopped (failed, cancelled) before its end."""
@@ -248,12 +273,8 @@ class ServiceTrainer(TrainingLoop):
             return
         if self.checkpoints.restore(job):
             self.store.log(name, f"resumed from its checkpoint at step {job.step}/{job.num_steps}")
-        self._admitted_at[name] = (time.perf_counter(), job.tokens_seen)
         if job.status == "finished":  # killed between its last checkpoint and its adapter
             self.publish_adapter(job)
-            return
-        self.store.started(name, job.num_steps, job.step)
-        self.store.log(name, f"training: {job.num_steps} steps of {spec.global_batch_size} samples")
 
     def _revalidate(self, entry: dict, digest: str) -> tuple[JobSpec, list[Sample]]:
         """An accepted job's spec and samples, read again after a restart."""
@@ -279,14 +300,15 @@ class ServiceTrainer(TrainingLoop):
         for name in [name for name, job in self.jobs.items() if job.status != "running"]:
             del self.jobs[name]
             self.lora_configs.pop(name, None)
-            self._admitted_at.pop(name, None)
+            self._started_at.pop(name, None)
+            self.admission.forget(name)
             with self._model_lock:
                 remove_adapter(self.model, name)
 
     # ---- training-loop hooks --------------------------------------------------------------------
 
     def _log_step(self, job: JobRun) -> None:
-        started, tokens = self._admitted_at[job.name]
+        started, tokens = self._started_at[job.name]
         elapsed = time.perf_counter() - started
         rate = (job.tokens_seen - tokens) / elapsed if elapsed > 0 else 0.0
         self.store.progress(job.name, job.step, job.batch_loss, job.tokens_seen, rate)

@@ -20,6 +20,8 @@ SECRET = "not-long-enough"
         ({"port": 70000}, "port", "must be <= 65535, got 70000"),
         ({"port": "8631"}, "port", "must be an integer, got '8631' (str)"),
         ({"window_batches": 0}, "window_batches", "must be >= 1, got 0"),
+        ({"admission": "sjf"}, "admission", "must be one of size_aware, all_live; got 'sjf' (str)"),
+        ({"max_wait_windows": 0}, "max_wait_windows", "must be >= 1, got 0"),
         ({"data_roots": "data"}, "data_roots", "must be a list, got 'data' (str)"),
         ({"data_roots": []}, "data_roots", "must not be empty"),
         ({"state_dir": 3}, "state_dir", "must be a non-empty string, got 3"),
@@ -44,5 +46,6 @@ def test_defaults_and_a_token_from_the_environment(tmp_path: Path, monkeypatch) 
     monkeypatch.setenv("LORAFUSION_TOKEN", "t" * 16)
     config = parse_server_config(server_dict(tmp_path, host="0.0.0.0", port=None, window_batches=None), tmp_path)
     assert (config.host, config.port, config.token, config.window_batches) == ("0.0.0.0", 8631, "t" * 16, 4)
+    assert (config.admission, config.max_wait_windows) == ("size_aware", 64)
     assert config.data_roots == ((tmp_path / "data").resolve(),) and config.state_dir == tmp_path / "state"
     assert config.training.jobs == () and config.training.output_dir == tmp_path / "state"

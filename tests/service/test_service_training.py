@@ -1,8 +1,10 @@
 """The service trains jobs that come and go: each job's adapter equals `lorafusion train` of that
-job alone, whatever arrives, leaves or diverges beside it. Driven over real HTTP."""
+job alone, whatever arrives, leaves or diverges beside it, under either admission (every running
+job in each window, or the least work left first). Driven over real HTTP."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lorafusion.runtime.checkpoints import CheckpointStore, load_stage_files
@@ -17,9 +19,13 @@ from service_fixtures import (
 )
 
 
-def test_jobs_submitted_at_different_moments_each_equal_training_alone(tmp_path):
+ADMISSIONS = pytest.mark.parametrize("admission", ["all_live", "size_aware"])
+
+
+@ADMISSIONS
+def test_jobs_submitted_at_different_moments_each_equal_training_alone(tmp_path, admission):
     add, rev, txt = job_entry(tmp_path, "add", max_steps=6), job_entry(tmp_path, "rev"), job_entry(tmp_path, "txt")
-    with RunningService(server_dict(tmp_path), tmp_path, microbatch_delay_s=0.05) as service:
+    with RunningService(server_dict(tmp_path, admission=admission), tmp_path, microbatch_delay_s=0.05) as service:
         assert service.client.submit(add)["state"] == "queued"
         wait_for(lambda: service.state("add")["step"] >= 2, what="add's step 2")
         service.client.submit(rev)
@@ -28,17 +34,18 @@ def test_jobs_submitted_at_different_moments_each_equal_training_alone(tmp_path)
         ended = service.wait_ended("add", "rev", "txt")
         logs = service.client.logs("rev")
     assert {name: job["state"] for name, job in ended.items()} == {"add": "finished", "rev": "finished", "txt": "finished"}
-    # rev joined while add trained, txt while both did: the windows overlapped.
-    assert ended["rev"]["started_at"] < ended["add"]["ended_at"] and ended["txt"]["started_at"] < ended["rev"]["ended_at"]
+    if admission == "all_live":  # rev joined while add trained, txt while both did: the windows overlapped.
+        assert ended["rev"]["started_at"] < ended["add"]["ended_at"] and ended["txt"]["started_at"] < ended["rev"]["ended_at"]
     assert [line["line"] for line in logs][:2] == ["submitted", "training: 5 steps of 6 samples"]
     assert sum(line["line"].startswith("step ") for line in logs) == 5
     for entry in (add, rev, txt):
         assert_adapters_close(service_adapter(tmp_path / "state", entry["name"]), alone_adapter(tmp_path, entry))
 
 
-def test_cancel_mid_run_leaves_the_others_untouched_and_its_checkpoint_loadable(tmp_path):
+@ADMISSIONS
+def test_cancel_mid_run_leaves_the_others_untouched_and_its_checkpoint_loadable(tmp_path, admission):
     add, rev = job_entry(tmp_path, "add"), job_entry(tmp_path, "rev", max_steps=40)
-    with RunningService(server_dict(tmp_path), tmp_path, microbatch_delay_s=0.05) as service:
+    with RunningService(server_dict(tmp_path, admission=admission), tmp_path, microbatch_delay_s=0.05) as service:
         service.client.submit(add)
         service.client.submit(rev)
         wait_for(lambda: service.state("rev")["step"] >= 3, what="rev's step 3")
@@ -55,9 +62,10 @@ def test_cancel_mid_run_leaves_the_others_untouched_and_its_checkpoint_loadable(
     assert_adapters_close(service_adapter(tmp_path / "state", "add"), alone_adapter(tmp_path, add))
 
 
-def test_a_diverging_job_fails_alone(tmp_path):
+@ADMISSIONS
+def test_a_diverging_job_fails_alone(tmp_path, admission):
     add, rev = job_entry(tmp_path, "add", lr=1e30), job_entry(tmp_path, "rev")
-    with RunningService(server_dict(tmp_path), tmp_path) as service:
+    with RunningService(server_dict(tmp_path, admission=admission), tmp_path) as service:
         service.client.submit(add)
         service.client.submit(rev)
         ended = service.wait_ended("add", "rev")

@@ -18,6 +18,7 @@ from .output_dir import (
     METRICS_FILE,
     PIPELINE_STATS_DIR,
     SCHEDULE_FILE,
+    STATUS_FILE,
     TEMP_PREFIX,
     TENSORBOARD_DIR,
     DirectoryLock,
@@ -115,11 +116,32 @@ class RunDirectory:
                     "or empty output_dir, or pass --overwrite to write beside those files (they are never deleted or replaced)"
                 )
         if marker is not None and not resume and not overwrite:
-            state = "an interrupted lorafusion run" if (root / CHECKPOINTS_DIR).is_dir() else "an earlier lorafusion run"
+            if run_finished(root, marker):
+                raise OutputDirError(
+                    f"{root} holds a finished lorafusion run; pass --overwrite to train again from scratch, replacing its "
+                    "outputs (files lorafusion did not write are kept), or choose another output_dir"
+                )
             raise OutputDirError(
-                f"{root} holds {state}; continue it with --resume, or pass --overwrite to replace its outputs "
-                "(files lorafusion did not write are kept)"
+                f"{root} holds an interrupted lorafusion run; continue it with --resume, or pass --overwrite to replace "
+                "its outputs (files lorafusion did not write are kept)"
             )
+
+
+def run_finished(root: Path, marker: dict) -> bool:
+    """Whether every job of the run that `marker` describes has ended (finished or failed): each
+    has the status.json the run writes when a job ends, with the run's id."""
+    jobs = [name for name in marker["entries"] if name not in RUN_ENTRIES]
+    for name in jobs:
+        path = root / name / STATUS_FILE
+        if (root / name).is_symlink() or path.is_symlink() or not path.is_file():
+            return False
+        try:
+            status = read_json(path, "job status")
+        except OutputDirError:
+            return False
+        if status.get("run_id") != marker["run_id"] or status.get("status") not in ("finished", "failed"):
+            return False
+    return bool(jobs)
 
 
 def remove_run_outputs(root: Path, entries: list[str]) -> None:

@@ -73,8 +73,12 @@ def test_an_earlier_run_is_refused_without_resume_or_overwrite(tmp_path, capsys)
     out = tmp_path / "run"
     before = snapshot(out)
     assert train(config) == 2
-    error = capsys.readouterr().err
-    assert str(out) in error and "--resume" in error and "--overwrite" in error
+    error = capsys.readouterr().err.strip()
+    assert error.endswith(
+        f"{out} holds a finished lorafusion run; pass --overwrite to train again from scratch, replacing its outputs "
+        "(files lorafusion did not write are kept), or choose another output_dir"
+    ), error
+    assert len(error.splitlines()) == 1
     assert snapshot(out) == before
 
 
@@ -85,9 +89,25 @@ def test_a_forgotten_resume_keeps_the_interrupted_runs_checkpoints(tmp_path, cap
     before = snapshot(out / "checkpoints")
     assert before
     assert train(config) == 2
-    assert "interrupted lorafusion run" in capsys.readouterr().err
+    assert f"{out} holds an interrupted lorafusion run; continue it with --resume" in capsys.readouterr().err
     assert snapshot(out / "checkpoints") == before
     assert train(config, "--resume") == 0
+
+
+def test_a_run_is_finished_only_when_every_job_has_ended(tmp_path, capsys):
+    """A job without its end status (killed while publishing, or status.json damaged) makes the
+    run an interrupted one, which --resume completes."""
+    config = write_config(tmp_path)
+    assert train(config) == 0
+    out = tmp_path / "run"
+    (out / "txt" / "status.json").write_text("{")
+    assert train(config) == 2
+    assert f"{out} holds an interrupted lorafusion run; continue it with --resume" in capsys.readouterr().err
+    assert train(config, "--resume") == 0
+    assert json.loads((out / "txt" / "status.json").read_text())["status"] == "finished"
+    capsys.readouterr()
+    assert train(config) == 2
+    assert f"{out} holds a finished lorafusion run" in capsys.readouterr().err
 
 
 def test_overwrite_replaces_only_what_lorafusion_wrote(tmp_path):

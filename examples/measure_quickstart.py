@@ -112,7 +112,7 @@ def readme_block(measured: dict, output_dir: Path) -> str:
             textwrap.fill(
                 f"Base model: {parameters(output_dir / 'base_model'):,} parameters, frozen; adapters: "
                 f"{' to '.join(f'{count:,}' for count in adapters)} each. "
-                f"The run took {cpu:.0f} s of CPU ({measured['user_s']:.1f} s user + {measured['system_s']:.1f} s "
+                f"The run took {cpu:.0f} s of CPU ({measured['user_s']:.1f} s user and {measured['system_s']:.1f} s "
                 f"system, {measured['wall_s']:.0f} s wall) on a {cores}-core machine (load average "
                 f"{measured['load']:.1f} at its start; {threads_note}).",
                 width=100,
@@ -123,13 +123,14 @@ def readme_block(measured: dict, output_dir: Path) -> str:
     )
 
 
-def write_readme(block: str) -> None:
-    text = README.read_text(encoding="utf-8")
+def write_readme(block: str, readme: Path = README) -> None:
+    """Replace the text from the first marker to the second, both included, by `block`."""
+    text = readme.read_text(encoding="utf-8")
     start, end = (text.find(marker) for marker in QUICKSTART_MARKERS)
     if start < 0 or end < start:
-        raise SystemExit(f"{README}: the quickstart markers {QUICKSTART_MARKERS} are missing")
+        raise SystemExit(f"{readme}: the quickstart markers {QUICKSTART_MARKERS} are missing")
     end += len(QUICKSTART_MARKERS[1])
-    README.write_text(text[:start] + block + text[end:], encoding="utf-8")
+    readme.write_text(text[:start] + block + text[end:], encoding="utf-8")
 
 
 def main() -> None:

@@ -34,13 +34,17 @@ class ReadmeRow:
     base_accuracy: float
 
 
+def measure_script():
+    spec = importlib.util.spec_from_file_location("measure_quickstart", REPO / "examples" / "measure_quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def readme_table() -> dict[str, ReadmeRow]:
     """The README's quickstart table (between measure_quickstart.py's markers), by job."""
-    spec = importlib.util.spec_from_file_location("measure_quickstart", REPO / "examples" / "measure_quickstart.py")
-    measure = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(measure)
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    start, end = (text.find(marker) for marker in measure.QUICKSTART_MARKERS)
+    start, end = (text.find(marker) for marker in measure_script().QUICKSTART_MARKERS)
     assert 0 <= start < end, "the README lacks the quickstart figures' markers"
     row = re.compile(r"^\| (\w+) \((\d+) steps\) \| ([\d.]+) -> [\d.e-]+ \| ([\d.]+)% \(\d+/\d+\) \| ([\d.]+)% \(\d+/\d+\) \|$")
     rows = {}
@@ -79,6 +83,19 @@ def test_the_readme_table_covers_the_quickstart_and_meets_the_targets() -> None:
     # The targets the quickstart is tuned to (issue 18): most unseen sums, nearly every word.
     assert table["addition"].accuracy >= 0.8
     assert table["reverse"].accuracy >= 0.95 and table["uppercase"].accuracy >= 0.95
+
+
+def test_the_measure_script_replaces_only_its_block(tmp_path) -> None:
+    measure = measure_script()
+    begin, end = measure.QUICKSTART_MARKERS
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n{begin}\nold table\n{end}\n\nafter\n")
+    measure.write_readme(f"{begin}\nnew table\n{end}", readme)
+    assert readme.read_text() == f"# title\n\n{begin}\nnew table\n{end}\n\nafter\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="quickstart markers"):
+        measure.write_readme("x", readme)
+    assert readme.read_text() == "no markers\n"
 
 
 def test_each_adapter_reaches_the_readme_accuracy_and_the_base_does_not(quickstart_run, capsys) -> None:

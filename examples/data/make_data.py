@@ -14,7 +14,7 @@ import string
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TRAIN_RECORDS = 3000
+WORDS_TRAINED = 3000  # per word task; addition trains on every sum it does not hold out
 EVAL_RECORDS = 200
 
 
@@ -33,7 +33,7 @@ def _words(rng: random.Random, lengths: tuple[int, int]) -> list[str]:
     unambiguous; with short words, the copy is learnt within the quickstart's budget (reversing
     words of 4 letters took about 500 steps in our trials, of 3 letters under 300)."""
     seen: dict[str, None] = {}
-    while len(seen) < TRAIN_RECORDS + EVAL_RECORDS:
+    while len(seen) < WORDS_TRAINED + EVAL_RECORDS:
         seen["".join(rng.sample(string.ascii_lowercase, rng.randint(*lengths)))] = None
     return list(seen)
 
@@ -52,11 +52,11 @@ def write(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
-def main() -> None:
+def main(directory: Path = HERE) -> None:
     for seed, (name, make) in enumerate([("addition", addition), ("reverse", reverse), ("uppercase", uppercase)]):
         records = make(random.Random(seed))
-        write(HERE / f"{name}_eval.jsonl", records[:EVAL_RECORDS])
-        write(HERE / f"{name}.jsonl", records[EVAL_RECORDS:])
+        write(directory / f"{name}_eval.jsonl", records[:EVAL_RECORDS])
+        write(directory / f"{name}.jsonl", records[EVAL_RECORDS:])
 
 
 if __name__ == "__main__":

@@ -85,6 +85,19 @@ def test_the_readme_table_covers_the_quickstart_and_meets_the_targets() -> None:
     assert table["reverse"].accuracy >= 0.95 and table["uppercase"].accuracy >= 0.95
 
 
+def test_the_data_is_make_data_output_and_eval_prompts_are_held_out(tmp_path) -> None:
+    spec = importlib.util.spec_from_file_location("make_data", REPO / "examples" / "data" / "make_data.py")
+    make_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_data)
+    make_data.main(tmp_path)
+    for job in load_config(QUICKSTART).jobs:
+        assert job.data.read_bytes() == (tmp_path / job.data.name).read_bytes(), job.data
+        assert job.eval_data.read_bytes() == (tmp_path / job.eval_data.name).read_bytes(), job.eval_data
+        trained = {json.loads(line)["prompt"] for line in job.data.read_text().splitlines()}
+        held_out = [json.loads(line)["prompt"] for line in job.eval_data.read_text().splitlines()]
+        assert len(held_out) == 200 and not trained & set(held_out), job.name
+
+
 def test_the_measure_script_replaces_only_its_block(tmp_path) -> None:
     measure = measure_script()
     begin, end = measure.QUICKSTART_MARKERS

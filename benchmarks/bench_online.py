@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -169,7 +170,8 @@ def measure_end_to_end(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> OnlineResult:
-    """Hook for the end-to-end measurement of the real service (issue 14; not wired up yet).
+    """Hook for the end-to-end measurement of the real service (issue 14; bench_online_cpu.py runs
+    it against the tiny service on the CPU).
 
     Replays ``arrivals`` against a running service: ``submit(job)`` is called at
     ``time_scale * arrival`` seconds after the start (e.g. write the job's data and YAML, then
@@ -307,8 +309,32 @@ def write_results(
         key=lambda r: (list(SIZES).index(r["sizes"]), r["stages"], int(r["policy"].split("<= ")[1].split()[0])),
     )
     lines += markdown_table(by_wait, SWEEP_SHOWN) + [""]
-    (RESULTS / "online_table.md").write_text("\n".join(lines))
+    table = RESULTS / "online_table.md"
+    kept = marked_sections(table)  # e.g. the end-to-end CPU measurement, written by bench_online_cpu.py
+    table.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
     plot(jobs_rows, sweep, guard)
+
+
+_MARKED = re.compile(r"<!-- begin: (.+?) -->\n.*?<!-- end: \1 -->\n", re.S)
+
+
+def marked_sections(path: Path) -> str:
+    """The sections of `path` that other scripts write (see :func:`replace_marked_section`)."""
+    return "".join(m.group(0) for m in _MARKED.finditer(path.read_text())) if path.exists() else ""
+
+
+def replace_marked_section(path: Path, marker: str, lines: Sequence[str]) -> None:
+    """Write `lines` as the section of `path` marked `marker` (appended if there is none), keeping
+    the rest: a results table that several scripts write parts of."""
+    begin, end = f"<!-- begin: {marker} -->", f"<!-- end: {marker} -->"
+    block = "\n".join([begin, *lines, end]) + "\n"
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
 
 
 def plot(jobs_rows: list[dict], sweep: list[dict], guard: SizeAware) -> None:

@@ -14,6 +14,10 @@ and gives each finished job's end in Unix seconds, hence `clock=time.time`. A jo
 in its own seeded order, so its global batches hold the same lengths as the Job's only as a
 multiset over the job. Figures measured this way are CPU seconds of a toy model, meaningful as
 ratios between policies run the same way on the same machine, never as GPU figures.
+
+`admission` is SERVER.yaml's (size_aware or all_live); :func:`one_at_a_time` wraps the pair so
+that the service is handed each job only once the one before has finished (FIFO through the same
+service, each job trained alone).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -41,10 +46,13 @@ TINY_MODEL = {
 
 @contextlib.contextmanager
 def tiny_cpu_service(
-    work_dir: Path, capacity: int = 2048, window_batches: int = 2, lr: float = 1e-3
+    work_dir: Path, capacity: int = 2048, window_batches: int = 2, lr: float = 1e-3, admission: str = "size_aware",
+    warm_up: bool = True,
 ) -> Iterator[tuple[Callable[[Job], None], Callable[[], Mapping[str, float]]]]:
     """A running tiny service under `work_dir` (which must be new or empty) and its (submit,
-    finished) pair; stopped on leaving the block."""
+    finished) pair; stopped on leaving the block. With `warm_up` it has trained a one-sample job
+    named "warm-up" before the block starts, so that the planner worker's start (seconds: it
+    imports lorafusion) and the first passes through the model are not charged to a trace."""
     work_dir = Path(work_dir)
     data_dir = work_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +66,7 @@ def tiny_cpu_service(
             "data_roots": [str(data_dir)],
             "port": 0,
             "window_batches": window_batches,
+            "admission": admission,
         },
         work_dir,
     )
@@ -81,7 +90,51 @@ def tiny_cpu_service(
         return {job["name"]: job["ended_at"] for job in client.jobs() if job["state"] == "finished"}
 
     try:
+        if warm_up:
+            submit(Job("warm-up", 1, [16]))
+            deadline = time.monotonic() + 300
+            while "warm-up" not in finished():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the tiny service did not finish its warm-up job in 300 s")
+                time.sleep(0.05)
         yield submit, finished
     finally:
         service.trainer.stop_requested.set()
         thread.join(timeout=120)
+
+
+
+@contextlib.contextmanager
+def one_at_a_time(
+    submit: Callable[[Job], None], finished: Callable[[], Mapping[str, float]], poll_s: float = 0.05
+) -> Iterator[tuple[Callable[[Job], None], Callable[[], Mapping[str, float]]]]:
+    """(submit, finished) for measure_end_to_end that queue the jobs in arrival order and hand the
+    service the next one as soon as the one before has finished (a thread watches every `poll_s`)."""
+    waiting: list[Job] = []
+    handed: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def hand_on() -> None:
+        with lock:
+            if waiting and (not handed or handed[-1] in finished()):
+                job = waiting.pop(0)
+                submit(job)
+                handed.append(job.name)
+
+    def queue(job: Job) -> None:
+        with lock:
+            waiting.append(job)
+        hand_on()
+
+    def watch() -> None:
+        while not stop.wait(poll_s):
+            hand_on()
+
+    watcher = threading.Thread(target=watch, name="lorafusion-one-at-a-time", daemon=True)
+    watcher.start()
+    try:
+        yield queue, finished
+    finally:
+        stop.set()
+        watcher.join()

@@ -13,9 +13,10 @@ The trace: ``--jobs`` jobs of 8 samples per global batch, each with log-uniform 
 batches and log-normal sample lengths (the scheduler benchmark's ``lognormal_lengths``) around one
 of 150/225/425/300 tokens (a quarter of its means, for a toy model); Poisson arrivals at ``--load``
 times the rate one job at a time can serve, from the seconds per token of a calibration job trained
-alone on the same machine just before. torch runs one intra-op thread throughout: on a shared
-2-core machine more threads wait for each other and make the speed swing tenfold with the others'
-load (lorafusion/runtime/threads.py), which would favour whichever policy ran at a quiet moment. Times are CPU seconds of a toy model on a shared machine:
+alone on the same machine just before. torch runs one intra-op thread throughout: with torch's
+default two on the shared 2-core machine, one job's tokens/s in the service's log went from about
+800 to 24,000 within one run as the others' load changed, which would favour whichever policy ran
+at a quiet moment. Times are CPU seconds of a toy model on a shared machine:
 only the ratios between the policies of one run mean anything, and nothing here says what a GPU
 does. Under pytest, `test_*` is a small pytest-benchmark check of the measurement path (seconds).
 """

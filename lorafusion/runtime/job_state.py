@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorafusion.config import LoRAConfig
+
 from .config import JobSpec
 from .config_schema import MAX_SAMPLES_PER_JOB
 from .data import Sample
@@ -20,6 +22,20 @@ def load_job_samples(spec: JobSpec, tokenizer) -> list[Sample]:
     """The job's training samples, tokenized and cut to its max_seq_len, without the share its
     eval_fraction holds out (raises DataError); eval_loss.job_samples gives both."""
     return job_samples(spec, tokenizer)[0]
+
+
+def job_lora_config(spec: JobSpec, base_model_path: str, backend: str) -> LoRAConfig:
+    """The adapter config of a job: what its layers are built from and its adapter_config.json says."""
+    return LoRAConfig(
+        r=spec.r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
+        use_rslora=spec.use_rslora,
+        target_modules=spec.target_modules,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_path,
+        backend=backend,
+    )
 
 
 def training_order(num_samples: int, spec: JobSpec) -> list[int]:

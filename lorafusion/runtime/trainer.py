@@ -31,7 +31,6 @@ from safetensors.torch import load_file
 from lorafusion.adapters import WEIGHTS_FILE
 from lorafusion.apply import apply_multi_lora
 from lorafusion.lora_state import get_multi_lora_configs
-from lorafusion.config import LoRAConfig
 from lorafusion.scheduler import Job, Schedule
 
 from .checkpoints import CheckpointStore
@@ -39,7 +38,7 @@ from .config import TrainConfig
 from .data import DataError
 from .data_sources import data_digest
 from .eval_loss import JobEvaluation, job_samples
-from .job_state import JobRun, lr_lambda, training_order
+from .job_state import JobRun, job_lora_config, lr_lambda, training_order
 from .model import build_base_model
 from .output_dir import (
     BASE_MODEL_DIR,
@@ -167,16 +166,7 @@ class MultiJobTrainer(TrainingLoop):
             )
         base_path = config.model.path or str(self.output_dir / "base_model")
         lora_configs = {
-            spec.name: LoRAConfig(
-                r=spec.r,
-                lora_alpha=spec.lora_alpha,
-                lora_dropout=spec.lora_dropout,
-                use_rslora=spec.use_rslora,
-                target_modules=spec.target_modules,
-                task_type="CAUSAL_LM",
-                base_model_name_or_path=base_path,
-                backend=config.backend,
-            )
+            spec.name: job_lora_config(spec, base_path, config.backend)
             for spec in config.jobs
         }
         apply_multi_lora(

@@ -28,7 +28,7 @@ from lorafusion.config import LoRAConfig
 from lorafusion.runtime.checkpoints import CheckpointStore
 from lorafusion.runtime.config import ConfigError, JobSpec
 from lorafusion.runtime.data import DataError, Sample
-from lorafusion.runtime.job_state import JobRun, load_job_samples, training_order
+from lorafusion.runtime.job_state import JobRun, job_lora_config, load_job_samples, training_order
 from lorafusion.runtime.model import build_base_model
 from lorafusion.runtime.tokenizer import load_tokenizer
 from lorafusion.runtime.trainer import save_inline_base_model
@@ -102,16 +102,7 @@ class ServiceTrainer(TrainingLoop):
     # ---- submissions (HTTP threads) ---------------------------------------------------------------
 
     def lora_config(self, spec: JobSpec) -> LoRAConfig:
-        return LoRAConfig(
-            r=spec.r,
-            lora_alpha=spec.lora_alpha,
-            lora_dropout=spec.lora_dropout,
-            use_rslora=spec.use_rslora,
-            target_modules=spec.target_modules,
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=self.base_model_path,
-            backend=self.server.training.backend,
-        )
+        return job_lora_config(spec, self.base_model_path, self.server.training.backend)
 
     def submit(self, entry: object) -> dict:
         """Check a submitted job as far as it can be checked without training it, then record it

@@ -244,6 +244,15 @@ def _columns(columns: object, info: ValidationInfo) -> dict[str, str]:
             problems.append(((field,), f"not a field of format {info.data['format']}; its fields: {', '.join(fields)}"))
         if not isinstance(column, str) or not column:
             problems.append(((field,), f"must be a column name (a non-empty string), got {describe(column)}"))
+    # Each field reads its own column (a field not mapped reads the column of its own name).
+    field_of_column: dict[str, str] = {}
+    for field in fields:
+        column = columns.get(field, field)
+        if not isinstance(column, str):
+            continue
+        if column in field_of_column:
+            problems.append(((field,), f'column "{column}" is already {field_of_column[column]}\'s; each field needs its own column'))
+        field_of_column[column] = field
     if problems:
         fail_at(problems, columns)
     return dict(columns)

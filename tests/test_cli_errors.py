@@ -107,6 +107,16 @@ def chat_without_template(job: dict, tmp: Path) -> None:
     job.update(data=str(write(tmp / "chat.jsonl", json.dumps({"messages": messages}) + "\n")), format="messages")
 
 
+def chat_with_a_number_as_content(tmp: Path) -> list[str]:
+    from chat_fixtures import save_chat_tokenizer
+
+    data = config_dict(tmp, jobs=("add",))
+    data["tokenizer"] = str(save_chat_tokenizer(tmp / "tokenizer", markers=False))
+    messages = [{"role": "user", "content": 5}, {"role": "assistant", "content": "hello"}]
+    data["jobs"][0].update(data=str(write(tmp / "chat.jsonl", json.dumps({"messages": messages}) + "\n")), format="messages")
+    return ["train", str(write(tmp / "config.yaml", yaml.safe_dump(data))), "--no-progress"]
+
+
 def bad_eval_record(job: dict, tmp: Path) -> None:
     job.update(eval_data=str(write(tmp / "eval.jsonl", '{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2="}\n')))
 
@@ -175,6 +185,7 @@ CASES = [
     ("train-parquet-null-row", lambda t: one_job(t, parquet_with_a_null), 2, ["no job can train", "add.parquet, row 3", 'field "question" must be a string, got null']),
     ("train-dataset-dict", lambda t: one_job(t, dataset_dict), 2, ["splits: holds a DatasetDict (splits: test, train)", "give one split's directory"]),
     ("train-messages-without-chat-template", lambda t: one_job(t, chat_without_template), 2, ["chat.jsonl", "format messages needs a tokenizer with a chat template"]),
+    ("train-messages-number-content", chat_with_a_number_as_content, 2, ["no job can train", "chat.jsonl, line 1", 'message 0 "content" must be a string or a list of content parts (objects), got a number']),
     ("train-eval-fraction-leaves-nothing", lambda t: one_job(t, lambda job, _: job.update(eval_fraction=0.99)), 2, ["add.jsonl", "eval_fraction=0.99 of 40 records leaves none to train on"]),
     ("train-bad-eval-record", lambda t: one_job(t, bad_eval_record), 2, ["no job can train", "eval.jsonl, line 2", 'missing field "completion"']),
     # a bad record stops only its job, named with its file and line

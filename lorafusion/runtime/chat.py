@@ -30,6 +30,7 @@ from .data_sources import DATA_EXTRA_HINT
 
 GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")  # transformers' own test for the markers
 TEMPLATE_FAILURES = (TypeError, ValueError, KeyError, IndexError, AttributeError)
+_CONTENT_PROBE = "\x00lorafusion-assistant-content\x00"  # text no conversation holds
 
 
 class ChatRenderer:
@@ -107,12 +108,28 @@ class ChatRenderer:
                 messages[:upto], tools=tools, tokenize=False, add_generation_prompt=generation_prompt
             )
 
+        def before_assistant(index: int) -> str:
+            """The text the template writes before assistant message `index`'s own."""
+            if index > 0:
+                return render(index, True)
+            # transformers renders no empty conversation: for a first message, the text before a probe put in
+            # its place (bos, a default system prompt, the assistant header), checked below like any other.
+            probe = self.hf_tokenizer.apply_chat_template(
+                [{"role": "assistant", "content": _CONTENT_PROBE}], tools=tools, tokenize=False
+            )
+            if _CONTENT_PROBE not in probe:
+                raise record.error(
+                    "the chat template does not write a first assistant message's content as given, so the assistant's "
+                    "tokens cannot be told apart; use a template with {% generation %} markers"
+                )
+            return probe[: probe.index(_CONTENT_PROBE)]
+
         whole = render(len(messages), False)
         spans = []
         for index, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            before, through = render(index, True), render(index + 1, False)
+            before, through = before_assistant(index), render(index + 1, False)
             if not (through.startswith(before) and whole.startswith(through)):
                 raise record.error(
                     f"the chat template renders the conversation up to message {index} differently once later turns follow, so the "
@@ -125,7 +142,8 @@ class ChatRenderer:
 
 
 def _checked_messages(record: Record) -> list[dict]:
-    """The conversation's messages, each an object with a string role; keys with a null value are
+    """The conversation's messages, each an object with a string role and a string (or content parts)
+    or null content; keys with a null value are
     dropped (a table has every key in every message; transformers 5 drops them too)."""
     messages = record.fields["messages"]
     if not messages:
@@ -136,6 +154,15 @@ def _checked_messages(record: Record) -> list[dict]:
             raise record.error(f"message {index} must be an object with role and content, got {json_type(message)}")
         if not isinstance(message.get("role"), str):
             raise record.error(f'message {index} needs a string "role", got {json_type(message.get("role"))}')
+        # A template prints any other value as Python would: a number or an object would train as its repr.
+        content = message.get("content")
+        if isinstance(content, list):
+            odd = [part for part in content if not isinstance(part, dict)]
+            got = f"an array holding {json_type(odd[0])}" if odd else None
+        else:
+            got = None if content is None or isinstance(content, str) else json_type(content)
+        if got is not None:
+            raise record.error(f'message {index} "content" must be a string or a list of content parts (objects), got {got}')
         checked.append({key: value for key, value in message.items() if value is not None})
     if not any(message["role"] == "assistant" for message in checked):
         raise record.error('no message with role "assistant": nothing to train on')

@@ -64,6 +64,11 @@ ASSISTANT = {"role": "assistant", "content": "four"}
         ({"messages": [USER]}, 'no message with role "assistant": nothing to train on'),
         ({"messages": [USER, ASSISTANT], "tools": {"name": "f"}}, 'field "tools" must be an array, got an object'),
         ({"messages": [{"role": "robot", "content": "beep"}, ASSISTANT]}, "the chat template refuses this conversation: unknown role robot"),
+        # a template renders any content, a number or an object as Python would print it: refused instead
+        ({"messages": [{"role": "user", "content": 5}, ASSISTANT]}, 'message 0 "content" must be a string or a list of content parts (objects), got a number'),
+        ({"messages": [USER, {"role": "assistant", "content": {"text": "four"}}]}, 'message 1 "content" must be a string or a list of content parts (objects), got an object'),
+        ({"messages": [USER, {"role": "assistant", "content": ["four"]}]}, 'message 1 "content" must be a string or a list of content parts (objects), got an array holding a string'),
+        ({"messages": [USER, {"role": "assistant", "content": [{"type": "text", "text": "four"}, None]}]}, 'message 1 "content" must be a string or a list of content parts (objects), got an array holding null'),
         ({"conversation": [USER, ASSISTANT]}, 'missing field "messages" (format messages needs "messages")'),
     ],
 )
@@ -72,6 +77,17 @@ def test_bad_conversations_are_named_by_line(tokenizer, tmp_path: Path, record: 
     with pytest.raises(DataError) as caught:
         load_samples(path, "messages", tokenizer, max_seq_len=512)
     assert str(caught.value) == f"{path}, line 2: {message}"
+
+
+def test_an_assistant_turn_first_trains_on_its_text_only(tokenizer, tmp_path: Path) -> None:
+    # Neither the bos nor the <|assistant|> header the template writes before the first message is the assistant's.
+    conversation = {"messages": [{"role": "assistant", "content": "Paris."}, USER, ASSISTANT]}
+    pieces = [("<s>", False), ("<|assistant|>", False), ("Paris.<|end|>", True), ("\n", False),
+              ("<|user|>hi<|end|>\n", False), ("<|assistant|>", False), ("four<|end|>", True), ("\n", False)]
+    [sample] = load_samples(write_chat_jsonl(tmp_path / "chat.jsonl", [conversation]), "messages", tokenizer, max_seq_len=512)
+    ids, assistant = expected_sample(tokenizer.hf_tokenizer, pieces)
+    assert list(sample.input_ids) == ids
+    assert list(sample.labels) == [token if is_assistant else IGNORE_INDEX for token, is_assistant in zip(ids, assistant)]
 
 
 def test_columns_rename_the_messages_field(tokenizer, tmp_path: Path) -> None:

@@ -40,12 +40,12 @@ Shape (defaults in parentheses; see the dataclasses for meanings)::
         eval_fraction: null     # instead of eval_data: this share of `data`, split off by `seed`
         eval_every: null        # optimizer steps between eval losses (also at the last step); null: last step only
         early_stopping_patience: null   # evals without a better eval loss that stop the job; publishes its best adapter
-    scheduler: {capacity: 4096, solver: milp, time_limit_s: 0.5, pad_multiple: 1}
-    parallel: {engine: none, pipeline_stages: 1, data_parallel: 1, timeout_s: 600}
+    scheduler: {capacity: 4096, solver: milp, time_limit_s: 0.5, pad_multiple: 1, policy: lorafusion}
+    parallel: {engine: none, pipeline_stages: 1, data_parallel: 1, stage_layers: null, timeout_s: 600}
     output_dir: runs/NAME       # (runs/<config file stem>)
     checkpoint_every: 0         # optimizer steps per job between checkpoints; 0: only at the end
     log_every: 1
-    backend: auto               # auto | triton | torch
+    backend: auto               # auto | triton | torch | cuda
 
 Relative paths (model.path, tokenizer, jobs[].data, output_dir) are resolved against the config
 file's directory. Float fields also accept strings such as "1e-3", because PyYAML (YAML 1.1)
@@ -228,7 +228,7 @@ class TrainConfig:
     tokenizer: local tokenizer directory (resolved), or None for the built-in byte tokenizer.
     output_dir: resolved against the config file's directory.
     checkpoint_every: optimizer steps per job between checkpoints; 0 = only at the end.
-    backend: kernel backend, "auto" | "triton" | "torch".
+    backend: kernel backend, "auto" | "triton" | "torch" | "cuda".
     config_path: the file the config was read from, if any.
     overwrite: a command-line choice, not a YAML key: a fresh run may write into a non-empty
         output_dir (see lorafusion.runtime.output_dir).

@@ -218,3 +218,13 @@ class JobRun:
             self.remaining[g] = 0
         if self.step == self.num_steps or self.stopped_early:
             self.status = "finished"
+            self.hold_best_adapter()
+
+    def hold_best_adapter(self) -> None:
+        """A finished job under early stopping keeps the adapter of its best eval, in the model too
+        (what the closing summary's accuracy then scores is what it publishes)."""
+        if self.evaluation is None or self.evaluation.best_parameters is None:
+            return
+        with torch.no_grad():
+            for key, parameter in self.named_parameters.items():
+                parameter.copy_(self.evaluation.best_parameters[key])

@@ -187,8 +187,7 @@ class TrainingLoop:
         if job.step == job.num_steps or job.stopped_early:
             job.status = "finished"
             self.save_checkpoint(job)
-            if job.evaluation is not None and job.evaluation.best_parameters is not None:
-                self._load_best_adapter(job)
+            job.hold_best_adapter()
             if self.publishes_when_finished:
                 self.publish_adapter(job)
         elif every and job.step % every == 0:
@@ -201,13 +200,6 @@ class TrainingLoop:
         if job.evaluation is not None and job.evaluation.due(job.step, job.num_steps):
             job.step_eval_loss = job.evaluation.loss(self.model, job.name, self.device)
             job.evaluation.record(job.step, job.step_eval_loss, job.named_parameters)
-
-    def _load_best_adapter(self, job: JobRun) -> None:
-        """A finished job under early stopping keeps the adapter of its best eval, in the model too
-        (what the closing summary's accuracy then scores is what was published)."""
-        with torch.no_grad():
-            for key, parameter in job.named_parameters.items():
-                parameter.copy_(job.evaluation.best_parameters[key])
 
     def fail_job(self, job: JobRun, reason: str) -> None:
         job.fail(reason)

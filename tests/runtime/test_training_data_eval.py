@@ -200,6 +200,30 @@ def test_early_stopping_after_a_kill_and_resume(tmp_path: Path, monkeypatch) -> 
     assert all(torch.equal(again.jobs["add"].named_parameters[key].detach(), published[key]) for key in published)
 
 
+def test_early_stopping_killed_before_publishing_resumes_holding_the_best_adapter(tmp_path: Path, monkeypatch) -> None:
+    # Killed after the early stop's checkpoint, before the adapter was published: --resume publishes
+    # it, and the model then holds it (what the closing summary scores), as in the uninterrupted run.
+    settings = {"eval_fraction": 0.1, "eval_every": 1, "early_stopping_patience": 2, "max_steps": 6}
+    data = config_dict(tmp_path, jobs=("add",), add=settings, checkpoint_every=1)
+    snapshots = scripted_evaluation(monkeypatch)
+    config = parse_config(data, base_dir=tmp_path)
+
+    def killed(self, job):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MultiJobTrainer, "publish_adapter", killed)
+        with pytest.raises(KeyboardInterrupt):
+            MultiJobTrainer(config, device="cpu", progress=False).train()
+    assert len(snapshots) == 4 and not (Path(data["output_dir"]) / "add" / "adapter_model.safetensors").exists()
+    resumed = MultiJobTrainer(config, device="cpu", progress=False)
+    summary = resumed.train(resume=True).jobs["add"]
+    assert summary.status == "finished" and summary.steps == 4 and len(snapshots) == 4
+    published = saved_adapter(Path(data["output_dir"]) / "add")
+    assert all(torch.equal(published[key], snapshots[2][key]) for key in published)
+    assert all(torch.equal(resumed.jobs["add"].named_parameters[key].detach(), published[key]) for key in published)
+
+
 def test_a_real_early_stopping_run_publishes_its_lowest_eval_loss(tmp_path: Path) -> None:
     # Trained on sums at a high lr, scored on "abab..." texts (as completions of an empty prompt):
     # the eval loss falls, then rises; the job stops two evals after its lowest, and publishes that

@@ -74,6 +74,9 @@ class _Fields:
 
     def record(self, path: Path, number: int, unit: str, values: dict) -> Record:
         fail = lambda reason: DataError(path, number, reason, unit)  # noqa: E731
+        # A null optional field (a conversation without tools: a table has the column in every row,
+        # and datasets' to_json writes it as null) is an absent one.
+        values = {column: value for column, value in values.items() if value is not None or column not in self.optional}
         checked = check_fields(values, self.required, self.optional, self.needs, fail, self.kinds)
         return Record(path, number, unit, {self.format_name[column]: value for column, value in checked.items()})
 
@@ -141,10 +144,7 @@ def _numbered(batches, file: Path, pyarrow):
 def _rows(path: Path, first_row: int, batch: dict[str, list], fields: _Fields) -> Iterator[Record]:
     columns = list(batch)
     for offset, values in enumerate(zip(*batch.values())):
-        # A table has every column in every row: a null optional one (a conversation without
-        # tools) is an absent field, as in JSONL.
-        row = {c: v for c, v in zip(columns, values) if v is not None or c in fields.required}
-        yield fields.record(path, first_row + offset, "row", row)
+        yield fields.record(path, first_row + offset, "row", dict(zip(columns, values)))
 
 
 def _import_data_extra(module: str, path: Path, what: str):

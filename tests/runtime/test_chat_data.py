@@ -90,6 +90,13 @@ def test_an_assistant_turn_first_trains_on_its_text_only(tokenizer, tmp_path: Pa
     assert list(sample.labels) == [token if is_assistant else IGNORE_INDEX for token, is_assistant in zip(ids, assistant)]
 
 
+def test_null_tools_in_jsonl_are_no_tools(tokenizer, tmp_path: Path) -> None:
+    # datasets' to_json writes null for a row without tools, as a table holds it: absent, not refused.
+    conversation, pieces = CONVERSATIONS[0]
+    [sample] = load_samples(write_chat_jsonl(tmp_path / "chat.jsonl", [conversation | {"tools": None}]), "messages", tokenizer, 512)
+    assert list(sample.input_ids) == expected_sample(tokenizer.hf_tokenizer, pieces)[0]
+
+
 def test_columns_rename_the_messages_field(tokenizer, tmp_path: Path) -> None:
     path = write_chat_jsonl(tmp_path / "chat.jsonl", [{"conversation": c["messages"]} for c, _ in CONVERSATIONS[:1]])
     [sample] = load_samples(path, "messages", tokenizer, max_seq_len=512, columns={"messages": "conversation"})

@@ -102,6 +102,15 @@ def parquet_with_a_null(job: dict, tmp: Path) -> None:
     job.update(data=str(tmp / "add.parquet"), columns={"prompt": "question", "completion": "answer"})
 
 
+def parquet_with_binary_prompts(job: dict, tmp: Path) -> None:
+    import pyarrow
+    import pyarrow.parquet
+
+    table = pyarrow.table({"question": pyarrow.array([b"1+1="], pyarrow.binary()), "answer": ["2"]})
+    pyarrow.parquet.write_table(table, tmp / "add.parquet")
+    job.update(data=str(tmp / "add.parquet"), columns={"prompt": "question", "completion": "answer"})
+
+
 def chat_without_template(job: dict, tmp: Path) -> None:
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     job.update(data=str(write(tmp / "chat.jsonl", json.dumps({"messages": messages}) + "\n")), format="messages")
@@ -183,6 +192,7 @@ CASES = [
     ("train-eval-every-without-eval-records", lambda t: train_config(t, eval_every=5), 2, ["jobs[0].eval_every", "eval_data or eval_fraction"]),
     # datasets and conversations that cannot train: the file (and row or line) named
     ("train-parquet-null-row", lambda t: one_job(t, parquet_with_a_null), 2, ["no job can train", "add.parquet, row 3", 'field "question" must be a string, got null']),
+    ("train-parquet-binary-column", lambda t: one_job(t, parquet_with_binary_prompts), 2, ["add.parquet, row 0", 'field "question" must be a string, got binary data']),
     ("train-dataset-dict", lambda t: one_job(t, dataset_dict), 2, ["splits: holds a DatasetDict (splits: test, train)", "give one split's directory"]),
     ("train-messages-without-chat-template", lambda t: one_job(t, chat_without_template), 2, ["chat.jsonl", "format messages needs a tokenizer with a chat template"]),
     ("train-messages-number-content", chat_with_a_number_as_content, 2, ["no job can train", "chat.jsonl, line 1", 'message 0 "content" must be a string or a list of content parts (objects), got a number']),

@@ -17,6 +17,7 @@ truncated to max_seq_len; bos is left out for tokenizers that have none. Where r
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,5 +211,8 @@ def _tokenize(record: Record, format: str, tokenizer: Tokenizer, max_seq_len: in
 
 
 def json_type(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
+    """What a value is, in JSON's words; a table's other kinds (binary, dates) by what they are."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null", bytes: "binary data"}
+    if type(value) in names:
+        return names[type(value)]
+    return "a number" if isinstance(value, numbers.Number) else f"a {type(value).__name__} value"

@@ -8,9 +8,12 @@
     GET  /jobs/NAME/logs       -> 200 {"name": NAME, "lines": [{"at": UNIX_TIME, "line": TEXT}, ...]}
 
 Errors: {"error": ONE_LINE, "problems": [{"key": KEY_PATH, "reason": TEXT}, ...]} with 400 (the
-job does not validate: every problem at once), 401 (token missing or wrong, when the server has
-one: "Authorization: Bearer TOKEN"), 403 (data outside the server's data_roots), 404, 409 (name
-taken; cancel of an ended job), 413 (body over 1 MiB). What the API answers is committed first.
+job does not validate: every problem at once; a body that is not JSON or whose Content-Length is
+not a length), 401 (token missing or wrong, when the server has one: "Authorization: Bearer TOKEN"),
+403 (data outside the server's data_roots), 404, 408 (the body did not arrive within
+REQUEST_TIMEOUT_S), 409 (name taken; cancel of an ended job), 411 (no Content-Length), 413 (body
+over 1 MiB). What the API answers is committed first. A connection whose request body was not read
+whole is closed after the answer (the rest of a body is never taken for a request).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from .store import TERMINAL_STATES
 from .trainer import ServiceTrainer, SubmissionError
 
 MAX_BODY_BYTES = 1 << 20
+REQUEST_TIMEOUT_S = 30.0
 CANCEL_WAIT_S = 60.0
 _JOB_PATH = re.compile(r"/jobs/([A-Za-z0-9_-]+)(/cancel|/logs)?")
 
@@ -48,6 +52,7 @@ class ServiceHTTPServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: ServiceHTTPServer
     protocol_version = "HTTP/1.1"
+    timeout = REQUEST_TIMEOUT_S  # socket timeout: a client that stops sending does not hold a thread for ever
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         pass  # the job logs are the service's log; no line per request on stderr
@@ -59,6 +64,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(self._post)
 
     def _answer(self, route) -> None:
+        self._body_read = False
         try:
             self._check_token()
             status, body = route(self.path.split("?", 1)[0].rstrip("/") or "/")
@@ -71,6 +77,8 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as error:  # noqa: BLE001 - a bug: answered (500) and printed, the service goes on
             traceback.print_exc()
             status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(error).__name__}: {error}", "problems": []}
+        if not self._body_read and (self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers):
+            self.close_connection = True
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -89,17 +97,26 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(HTTPStatus.UNAUTHORIZED, "missing or wrong token: send 'Authorization: Bearer TOKEN'")
 
     def _read_json(self) -> object:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a JSON body with Content-Length is required") from None
+        declared = self.headers.get("Content-Length")
+        if declared is None:
+            raise ApiError(HTTPStatus.LENGTH_REQUIRED, "a JSON body with Content-Length is required")
+        if not re.fullmatch(r"\s*[0-9]+\s*", declared):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"Content-Length must be a number of bytes, got {declared[:40]!r}")
+        length = int(declared)
         if length > MAX_BODY_BYTES:
-            self.close_connection = True
             raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body of {length} bytes is over {MAX_BODY_BYTES}")
         try:
-            return json.loads(self.rfile.read(length) or b"null")
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {error}") from None
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            raise ApiError(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.timeout:g} s") from None
+        if len(raw) < length:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(raw)} of its {length} bytes")
+        self._body_read = True
+        try:
+            return json.loads(raw or b"null")
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            reason = "nested too deeply" if isinstance(error, RecursionError) else error
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {reason}") from None
 
     def _get(self, path: str) -> tuple[int, dict]:
         store = self.server.trainer.store

@@ -123,8 +123,8 @@ class ServiceTrainer(TrainingLoop):
         (403 for data outside data_roots, checked before anything reads the path), its name
         (`new_name`: 409 if taken), its targets and rank against the base model, its data."""
         outside = data_root_problems(entry, self.server.data_roots)
-        if outside:
-            raise SubmissionError(outside, status=403)
+        if outside:  # (or not a mapping at all: a bad request, not a forbidden path)
+            raise SubmissionError(outside, status=403 if isinstance(entry, dict) else 400)
         try:
             spec = parse_job(entry, self.server)
         except ConfigError as error:

@@ -40,7 +40,7 @@ def report_error(command: str, error, where: str = "") -> int:
     """The service's refusal: its one line, or every problem one per line, key path first."""
     problems = getattr(error, "problems", [])
     if len(problems) > 1:
-        print(f"lorafusion {command}: refused{where}:", file=sys.stderr)
+        print(f"lorafusion {command}: refused{where} by the service at {error.url}:", file=sys.stderr)
         for problem in problems:
             print(f"{problem['key']}: {problem['reason']}", file=sys.stderr)
     else:

@@ -1,0 +1,113 @@
+"""`lorafusion submit/jobs/cancel/logs` when the service is down, the URL is wrong or something
+else answers: one line on stderr naming the URL and the problem, exit code 2, no traceback. A
+job name goes into the URL as one path segment whatever it holds."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from lorafusion.cli import main
+
+
+class FakeService(BaseHTTPRequestHandler):
+    """Answers every request with the (status, raw body) of `self.server.answer`; records paths."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _reply(self) -> None:
+        self.server.paths.append(self.path)
+        status, body = self.server.answer
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _reply
+
+
+@pytest.fixture
+def fake():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeService)
+    server.paths, server.answer = [], (200, b"{}")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def not_http():
+    """A TCP server that answers every connection with a line that is not HTTP."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(4096)
+                connection.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    listener.close()
+
+
+def url_of(server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize("command", [["jobs"], ["cancel", "x"], ["logs", "x"]])
+def test_a_url_that_is_not_a_service_url_is_named(capsys, command):
+    for url in ("foo", "ftp://127.0.0.1:8631", "http://127.0.0.1:notaport", "http://"):
+        err = one_line_error(capsys, [*command, "--url", url])
+        assert err.startswith(f"lorafusion {command[0]}: '{url}' is not the service's URL"), err
+
+
+def test_a_server_that_does_not_speak_http_is_named(capsys, not_http):
+    err = one_line_error(capsys, ["jobs", "--url", not_http])
+    assert err == f"lorafusion jobs: {not_http} did not answer as an HTTP server (BadStatusLine); is it a lorafusion service?\n"
+
+
+@pytest.mark.parametrize("answer", [(200, b"hello"), (200, b"[1]"), (200, b'{"other": 1}'), (404, b"[]"), (500, b"<html>")])
+def test_an_answer_that_is_not_the_api_is_named(capsys, fake, answer):
+    fake.answer = answer
+    err = one_line_error(capsys, ["jobs", "--url", url_of(fake)])
+    assert err.startswith(f"lorafusion jobs: {url_of(fake)} answered ") and "lorafusion service?" in err, err
+
+
+def test_a_refusal_names_the_service(capsys, fake):
+    fake.answer = (404, json.dumps({"error": "no job named 'x'", "problems": []}).encode())
+    err = one_line_error(capsys, ["cancel", "x", "--url", url_of(fake)])
+    assert err == f"lorafusion cancel: no job named 'x' (service at {url_of(fake)})\n"
+
+
+@pytest.mark.parametrize("name, segment", [("a b", "a%20b"), ("../jobs", "..%2Fjobs"), ("x?y#z", "x%3Fy%23z")])
+def test_a_job_name_is_one_path_segment(capsys, fake, name, segment):
+    fake.answer = (404, json.dumps({"error": f"no job named {name!r}", "problems": []}).encode())
+    one_line_error(capsys, ["logs", name, "--url", url_of(fake)])
+    one_line_error(capsys, ["cancel", name, "--url", url_of(fake)])
+    assert fake.paths == [f"/jobs/{segment}/logs", f"/jobs/{segment}/cancel"]
+
+
+def test_a_service_that_is_down_is_named(capsys):
+    with socket.create_server(("127.0.0.1", 0)) as unused:
+        url = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    for command in (["jobs"], ["cancel", "x"], ["logs", "x"]):
+        err = one_line_error(capsys, [*command, "--url", url])
+        assert err.startswith(f"lorafusion {command[0]}: cannot reach the service at {url} ("), err

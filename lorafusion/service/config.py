@@ -19,6 +19,7 @@ with its key path. Server keys::
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidato
 from lorafusion.runtime.config import ConfigError, JobSpec, TrainConfig, parse_config
 from lorafusion.runtime.config_errors import fail, problem
 from lorafusion.runtime.config_schema import Directory, NonEmptyStr, PositiveInt, choice, without_nulls
+from lorafusion.runtime.data_sources import SAVE_TO_DISK_MARKER
 from lorafusion.scheduler.admission import DEFAULT_MAX_WAIT_WINDOWS
 
 from .admission import ADMISSIONS
@@ -191,4 +193,27 @@ def data_root_problems(entry: object, roots: tuple[Path, ...]) -> list[tuple[str
         resolved = path.resolve()
         if not any(resolved.is_relative_to(root) for root in roots):
             problems.append((key, f"{value} is not under the server's data_roots ({', '.join(map(str, roots))})"))
+        elif resolved.is_dir():
+            problems += [(key, f"{where}, which resolves outside the server's data_roots ({', '.join(map(str, roots))})")
+                         for where in _ways_out(value, resolved, roots)]
     return problems
+
+
+def _ways_out(value: str, directory: Path, roots: tuple[Path, ...]) -> list[str]:
+    """What in a directory dataset would be read from outside `roots`: an entry that is a link
+    out (its *.parquet files are read through links), a data file its save_to_disk state.json
+    names by a path out of it (datasets joins the name to the directory as written)."""
+    def outside(path: Path) -> bool:
+        return not any(path.resolve().is_relative_to(root) for root in roots)
+
+    found = []
+    for parent, dirs, files in os.walk(directory):  # links to directories are listed, not entered
+        found += [f"{value} holds {Path(value) / Path(parent, name).relative_to(directory)}"
+                  for name in sorted(dirs + files) if outside(Path(parent, name))]
+    try:
+        state = json.loads((directory / SAVE_TO_DISK_MARKER).read_text(encoding="utf-8"))
+        names = [entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, TypeError, KeyError):  # none, or not one datasets reads: the reader says so
+        names = []
+    found += [f"{value}/{SAVE_TO_DISK_MARKER} names {name}" for name in names if isinstance(name, str) and outside(directory / name)]
+    return found

@@ -49,3 +49,35 @@ def test_defaults_and_a_token_from_the_environment(tmp_path: Path, monkeypatch) 
     assert (config.admission, config.max_wait_windows) == ("size_aware", 64)
     assert config.data_roots == ((tmp_path / "data").resolve(),) and config.state_dir == tmp_path / "state"
     assert config.training.jobs == () and config.training.output_dir == tmp_path / "state"
+
+
+def test_a_directory_dataset_may_not_reach_outside_the_data_roots(tmp_path: Path) -> None:
+    """Each file a directory dataset is read from (its *.parquet files, the Arrow files its
+    state.json names) resolves under the data roots: a link or a name inside it is no way out."""
+    import json
+
+    from lorafusion.service.config import data_root_problems
+
+    roots = ((tmp_path / "data").resolve(),)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "secret.parquet").write_bytes(b"PAR1")
+    linked = tmp_path / "data" / "linked"
+    linked.mkdir()
+    (linked / "a.parquet").write_bytes(b"PAR1")
+    (linked / "b.parquet").symlink_to(tmp_path / "secret.parquet")
+    problems = data_root_problems({"data": str(linked)}, roots)
+    assert problems == [("data", f"{linked} holds {linked / 'b.parquet'}, which resolves outside the server's data_roots ({roots[0]})")]
+
+    saved = tmp_path / "data" / "saved"
+    saved.mkdir()
+    for name in ("../../secret.arrow", str(tmp_path / "secret.arrow")):
+        (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-0.arrow"}, {"filename": name}]}))
+        problems = data_root_problems({"data": str(saved)}, roots)
+        assert problems == [("data", f"{saved}/state.json names {name}, which resolves outside the server's data_roots ({roots[0]})")]
+
+    (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-0.arrow"}]}))
+    inner = tmp_path / "data" / "inner.parquet"
+    inner.write_bytes(b"PAR1")
+    (linked / "b.parquet").unlink()
+    (linked / "b.parquet").symlink_to(inner)  # a link that stays under the roots is fine
+    assert data_root_problems({"data": str(saved)}, roots) == data_root_problems({"data": str(linked)}, roots) == []

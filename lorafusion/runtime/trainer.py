@@ -196,6 +196,11 @@ class MultiJobTrainer(TrainingLoop):
                 name: {"data": _data_digests(job.spec), "spec": {k: str(v) for k, v in vars(job.spec).items()}}
                 for name, job in self.jobs.items()
             },
+            # What the samples and the checkpoints' adapters were made with (all but how activations are kept).
+            "base": {
+                **{f"model.{k}": str(v) for k, v in vars(self.config.model).items() if k != "gradient_checkpointing"},
+                "tokenizer": str(self.config.tokenizer),
+            },
             "scheduler": {k: str(v) for k, v in vars(self.config.scheduler).items() if k != "time_limit_s"},
             "planning_stages": self.planning_stages,
         }
@@ -220,6 +225,13 @@ class MultiJobTrainer(TrainingLoop):
                 raise ValueError(
                     f"{path} was planned for other jobs or data than this config describes (jobs {changed} differ); "
                     "resume with the original jobs and data, or start a new output_dir"
+                )
+            saved_base = saved.get("fingerprint", {}).get("base")
+            if saved_base is not None and saved_base != fingerprint["base"]:
+                changed = sorted(key for key in set(saved_base) | set(fingerprint["base"]) if saved_base.get(key) != fingerprint["base"].get(key))
+                raise ValueError(
+                    f"{path} was planned for another base model or tokenizer ({', '.join(changed)} "
+                    f"{'differs' if len(changed) == 1 else 'differ'}); resume with the original model and tokenizer, or start a new output_dir"
                 )
             if saved.get("fingerprint") == fingerprint:
                 try:

@@ -203,3 +203,14 @@ def test_resume_refuses_changed_job_data(tmp_path):
         out.write('{"prompt": "zz>", "completion": "zz"}\n')
     with pytest.raises(ValueError, match=r"jobs \['rev'\] differ"):
         MultiJobTrainer(config, progress=False).train(resume=True)
+
+
+def test_resume_refuses_another_base_model(tmp_path):
+    # Another model.seed is another inline base model: its checkpoints' adapters were trained on the
+    # first one (which base_model/ still holds), so continuing them would train neither run.
+    config = make_config(tmp_path, jobs=("add",))
+    MultiJobTrainer(config, progress=False).train(stop_after_microbatches=2)
+    other = dataclasses.replace(config, model=dataclasses.replace(config.model, seed=config.model.seed + 1))
+    with pytest.raises(ValueError, match=r"schedule\.json was planned for another base model or tokenizer \(model\.seed differs\)"):
+        MultiJobTrainer(other, progress=False).train(resume=True)
+    assert MultiJobTrainer(config, progress=False).train(resume=True).jobs["add"].status == "finished"

@@ -188,6 +188,7 @@ CASES = [
     ("train-alias-bomb-target-modules", alias_bomb_in_target_modules, 2, ["config.yaml", "aliases"]),
     ("train-every-job-empty", all_jobs_empty, 2, ["no job can train", "'add'", "'txt'", "add.jsonl", "no records"]),
     ("train-columns-not-a-field", lambda t: train_config(t, columns={"answer": "a"}), 2, ["jobs[0].columns.answer", "not a field of format prompt_completion"]),
+    ("train-columns-empty", lambda t: train_config(t, columns={}), 2, ["jobs[0].columns", "must be a mapping of field to column name, e.g. {prompt: my_column}; got an empty mapping"]),
     ("train-columns-one-column-for-two-fields", lambda t: train_config(t, columns={"prompt": "q", "completion": "q"}), 2, ["jobs[0].columns.completion", 'column "q" is already prompt\'s']),
     ("train-eval-every-without-eval-records", lambda t: train_config(t, eval_every=5), 2, ["jobs[0].eval_every", "eval_data or eval_fraction"]),
     # datasets and conversations that cannot train: the file (and row or line) named

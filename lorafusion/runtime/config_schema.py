@@ -237,7 +237,7 @@ def _columns(columns: object, info: ValidationInfo) -> dict[str, str]:
     """The dataset's name for each of the format's fields that it names differently."""
     fields = FORMAT_FIELDS.get(info.data.get("format"), ())
     if not isinstance(columns, dict) or not columns:
-        fail(f"must be a mapping of field to column name, e.g. {{{fields[0] if fields else 'text'}: my_column}}; got {describe(columns)}")
+        fail(f"must be a mapping of field to column name, e.g. {{{fields[0] if fields else 'text'}: my_column}}; got {'an empty mapping' if columns == {} else describe(columns)}")
     problems = []
     for field, column in columns.items():
         if fields and field not in fields:

@@ -111,7 +111,6 @@ def _at_least_a_second(value: float) -> float:
 
 Rank = Annotated[int, Strict(), AfterValidator(_rank)]
 Probability = Annotated[Number, AfterValidator(_probability)]
-HeldOutShare = Annotated[PositiveNumber, AfterValidator(_below_one)]
 TimeoutSeconds = Annotated[Number, Field(gt=0, le=MAX_PARALLEL_TIMEOUT_S), AfterValidator(_at_least_a_second)]
 
 
@@ -291,11 +290,12 @@ def _fits_model_and_microbatch(max_seq_len: int, info: ValidationInfo) -> int:
     return max_seq_len
 
 
-def _single_process_eval(eval_every: int, info: ValidationInfo) -> int:
+def _single_process_eval(value: T, info: ValidationInfo) -> T:
+    """eval_every, and eval_fraction (whose share would be neither trained on nor scored)."""
     parallel = info.context.get("parallel")
     if parallel is not None and parallel.engine != "none":
         fail(f"the eval loss runs in a single process: needs parallel.engine none, not {parallel.engine}")
-    return eval_every
+    return value
 
 
 JobName = Annotated[NonEmptyStr, AfterValidator(_job_name)]
@@ -307,6 +307,7 @@ Epochs = Annotated[Annotated[PositiveNumber, Field(le=MAX_EPOCHS)] | None, Field
 WarmupSteps = Annotated[NonNegativeInt, AfterValidator(_warmup_within_steps)]
 MaxSeqLen = Annotated[PositiveInt, Field(validate_default=True), AfterValidator(_fits_model_and_microbatch)]
 EvalEvery = Annotated[int, Strict(), Field(ge=1, le=MAX_STEPS), AfterValidator(_single_process_eval)]
+HeldOutShare = Annotated[PositiveNumber, AfterValidator(_below_one), AfterValidator(_single_process_eval)]
 Patience = Annotated[int, Strict(), Field(ge=1, le=MAX_STEPS)]
 
 

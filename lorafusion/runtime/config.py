@@ -44,7 +44,7 @@ Shape (defaults in parentheses; see the dataclasses for meanings)::
     parallel: {engine: none, pipeline_stages: 1, data_parallel: 1, stage_layers: null, timeout_s: 600}
     output_dir: runs/NAME       # (runs/<config file stem>)
     checkpoint_every: 0         # optimizer steps per job between checkpoints; 0: only at the end
-    log_every: 1
+    log_every: null             # steps between plain progress lines (not on a terminal); null: about ten per job
     backend: auto               # auto | triton | torch | cuda
 
 Relative paths (model.path, tokenizer, jobs[].data, output_dir) are resolved against the config
@@ -241,7 +241,7 @@ class TrainConfig:
     parallel: ParallelSpec
     output_dir: Path
     checkpoint_every: int
-    log_every: int
+    log_every: int | None
     backend: str
     config_path: Path | None = None
     overwrite: bool = False
@@ -261,7 +261,7 @@ class ConfigSections(BaseModel):
     jobs: tuple[Section[JobSpec], ...] = ()
     output_dir: NonEmptyStr | None = None
     checkpoint_every: NonNegativeInt = 0
-    log_every: PositiveInt = 1
+    log_every: PositiveInt | None = None
     backend: Backend = "auto"
 
     _nulls_are_defaults = model_validator(mode="before")(without_nulls)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-# Plain log lines per job: its first and last step and about this many in between.
+# Plain log lines per job without log_every: its first and last step and about this many in between.
 LOG_LINES_PER_JOB = 10
 
 
@@ -27,7 +27,8 @@ def _on_terminal() -> bool:
 class Progress:
     """Per-step progress of the running jobs: `jobs` maps each to (steps done, steps in all)."""
 
-    def __init__(self, progress: bool | str, jobs: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, progress: bool | str, jobs: dict[str, tuple[int, int]], log_every: int | None = None) -> None:
+        self._log_every = log_every
         self._bars: dict = {}
         self._lines = False
         self._eval: dict[str, tuple[float, int]] = {}  # each job's latest eval loss and its step
@@ -55,7 +56,7 @@ class Progress:
             if shown_eval is not None:
                 postfix["eval"] = f"{shown_eval[0]:.4f}@{shown_eval[1]}"
             self._bars[name].set_postfix(postfix)
-        elif self._lines and (step in (1, total) or step % max(1, total // LOG_LINES_PER_JOB) == 0):
+        elif self._lines and (step in (1, total) or step % (self._log_every or max(1, total // LOG_LINES_PER_JOB)) == 0):
             evaluated = "" if shown_eval is None else f", eval loss {shown_eval[0]:.4f} (step {shown_eval[1]})"
             print(f"{name}: step {step}/{total}, loss {loss:.4f}{evaluated}, {tokens_per_s:.0f} tokens/s", flush=True)
 

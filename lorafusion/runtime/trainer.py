@@ -355,7 +355,7 @@ class MultiJobTrainer(TrainingLoop):
         self._tokens_at_start = {name: job.tokens_seen for name, job in self.jobs.items()}
         self._resumed = resume
         running = {name: (job.step, job.num_steps) for name, job in self.jobs.items() if job.status == "running"}
-        self._progress = Progress(self.progress if self.is_reporter else False, running)
+        self._progress = Progress(self.progress if self.is_reporter else False, running, self.config.log_every)
         self._tensorboard = None
         if self.is_reporter:
             refuse_links(self.output_dir, self.output_dir / TENSORBOARD_DIR)

@@ -104,7 +104,7 @@ def test_defaults(base_dir: Path) -> None:
     assert (config.scheduler.capacity, config.scheduler.solver, config.scheduler.time_limit_s) == (4096, "milp", 0.5)
     assert config.scheduler.pad_multiple == 1
     assert (config.parallel.engine, config.parallel.pipeline_stages, config.parallel.data_parallel) == ("none", 1, 1)
-    assert (config.checkpoint_every, config.log_every, config.backend) == (0, 1, "auto")
+    assert (config.checkpoint_every, config.log_every, config.backend) == (0, None, "auto")
     assert (config.model.dtype, config.model.gradient_checkpointing, config.model.seed) == ("float32", False, 0)
     assert config.model.quantize is None and config.model.path is None
     assert config.output_dir == base_dir / "runs" and config.config_path is None
@@ -231,7 +231,7 @@ def test_null_means_the_default(base_dir: Path) -> None:
     config = parse_config(data, base_dir)
     job = config.jobs[1]
     assert (job.r, job.lr, job.max_steps, job.epochs, job.target_modules) == (8, 2e-4, None, 1.0, "all-linear")
-    assert (config.scheduler.capacity, config.parallel.engine, config.tokenizer, config.log_every) == (4096, "none", None, 1)
+    assert (config.scheduler.capacity, config.parallel.engine, config.tokenizer, config.log_every) == (4096, "none", None, None)
 
 
 def test_the_default_max_seq_len_meets_a_small_capacity(base_dir: Path) -> None:

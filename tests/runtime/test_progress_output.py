@@ -55,6 +55,16 @@ def test_log_lines_thin_out_on_long_jobs(monkeypatch):
     assert len(out.getvalue().splitlines()) == 11  # step 1, every 100th (1000 among them)
 
 
+def test_log_every_sets_the_steps_between_log_lines(tmp_path, capsys):
+    data = config_dict(tmp_path, jobs=("add",), add={"max_steps": 7})
+    data["log_every"] = 3
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["train", str(path)]) == 0
+    steps = [line.split(",")[0] for line in capsys.readouterr().out.splitlines() if ": step " in line]
+    assert steps == ["add: step 1/7", "add: step 3/7", "add: step 6/7", "add: step 7/7"]
+
+
 def test_a_jobs_eval_loss_shows_in_its_line_from_its_eval_on(monkeypatch):
     monkeypatch.setattr(progress_module, "_on_terminal", lambda: False)
     out = io.StringIO()

@@ -291,10 +291,11 @@ def _fits_model_and_microbatch(max_seq_len: int, info: ValidationInfo) -> int:
 
 
 def _single_process_eval(value: T, info: ValidationInfo) -> T:
-    """eval_every, and eval_fraction (whose share would be neither trained on nor scored)."""
+    """eval_every, eval_data and eval_fraction: held-out records a pipeline run would neither train on
+    nor score (its eval loss and exact-match accuracy are computed in a single process only)."""
     parallel = info.context.get("parallel")
     if parallel is not None and parallel.engine != "none":
-        fail(f"the eval loss runs in a single process: needs parallel.engine none, not {parallel.engine}")
+        fail(f"evaluation runs in a single process: needs parallel.engine none, not {parallel.engine}")
     return value
 
 
@@ -308,6 +309,7 @@ WarmupSteps = Annotated[NonNegativeInt, AfterValidator(_warmup_within_steps)]
 MaxSeqLen = Annotated[PositiveInt, Field(validate_default=True), AfterValidator(_fits_model_and_microbatch)]
 EvalEvery = Annotated[int, Strict(), Field(ge=1, le=MAX_STEPS), AfterValidator(_single_process_eval)]
 HeldOutShare = Annotated[PositiveNumber, AfterValidator(_below_one), AfterValidator(_single_process_eval)]
+EvalDatasetPath = Annotated[DatasetPath, AfterValidator(_single_process_eval)]
 Patience = Annotated[int, Strict(), Field(ge=1, le=MAX_STEPS)]
 
 

@@ -88,7 +88,10 @@ class ServiceTrainer(TrainingLoop):
         self.jobs: dict[str, JobRun] = {}
         self.lora_configs: dict[str, LoRAConfig] = {}
         self._started_at: dict[str, tuple[float, int]] = {}  # time and tokens_seen at its first window here
-        self._validated: dict[str, tuple[JobSpec, list[Sample]]] = {}  # by submit, for admission
+        # By submit, for admission: (the entry, its spec and samples). A refused duplicate may have
+        # replaced the accepted entry's meanwhile, so admission takes one only if it is the stored entry.
+        self._validated: dict[str, tuple[object, JobSpec, list[Sample]]] = {}
+        self._validated_lock = threading.Lock()
         self._model_lock = threading.Lock()  # the model's layers change when an adapter goes on
         self._wake = threading.Event()  # a job was submitted or a cancel requested
         self.stop_requested = threading.Event()
@@ -109,11 +112,15 @@ class ServiceTrainer(TrainingLoop):
         (queued, committed) and wake the trainer. Raises SubmissionError; changes nothing then."""
         spec, samples = self.validate(entry)
         digest = data_digest(spec.data)
-        self._validated[spec.name] = (spec, samples)
+        validated = (entry, spec, samples)
+        with self._validated_lock:
+            self._validated[spec.name] = validated
         try:
             record = self.store.add(spec.name, entry, digest)
         except DuplicateJob:
-            self._validated.pop(spec.name, None)
+            with self._validated_lock:
+                if self._validated.get(spec.name) is validated:
+                    del self._validated[spec.name]
             raise SubmissionError([("name", f"a job named {spec.name!r} was already submitted")], status=409) from None
         self._wake.set()
         return record
@@ -247,8 +254,10 @@ class ServiceTrainer(TrainingLoop):
     def _admit(self, name: str, entry: dict, digest: str) -> None:
         """Put the job's adapter on the model and prepare it; after a restart, continue it from its
         newest checkpoint. A job whose data changed since it was accepted fails."""
+        with self._validated_lock:
+            submitted, *validated = self._validated.pop(name, (None,))
         try:
-            spec, samples = self._validated.pop(name, None) or self._revalidate(entry, digest)
+            spec, samples = validated if submitted == entry else self._revalidate(entry, digest)
         except SubmissionError as error:
             self._end(name, "failed", str(error))
             return

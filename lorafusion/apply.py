@@ -80,9 +80,10 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
         )
     selected = [name for name, _ in matched]
     if isinstance(target_modules, str):
-        unmatched = [] if selected else [target_modules]
-    else:
-        unmatched = [entry for entry in target_modules if not any(_name_matches(name, [entry]) for name in selected)]
+        if not selected:
+            raise ValueError(_unmatched_regex_message(model, target_modules, linear_names))
+        return selected
+    unmatched = [entry for entry in target_modules if not any(_name_matches(name, [entry]) for name in selected)]
     if unmatched:
         short_names = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
         raise ValueError(
@@ -90,6 +91,18 @@ def find_target_modules(model: nn.Module, target_modules: list[str] | str) -> li
             f"linear layer names there: {_summary(short_names)}"
         )
     return selected
+
+
+def _unmatched_regex_message(model: nn.Module, pattern: str, linear_names: list[str]) -> str:
+    # A bare layer name given as a string is the usual slip: PEFT reads it as a whole-name regex.
+    if not linear_names:
+        return f"target_modules={pattern!r} matches no nn.Linear layer in {type(model).__name__}{_conv1d_hint(model)}"
+    names_it_ends = any(_name_matches(name, [pattern]) for name in linear_names)
+    hint = f"; to select layers by the end of their name, give a list: [{pattern!r}]" if names_it_ends else ""
+    return (
+        f"target_modules={pattern!r} is a string, which PEFT reads as a regular expression that must match a "
+        f"whole module name (such as {linear_names[0]!r}), and it matches none{hint}"
+    )
 
 
 def _check_all_linear_means_what_peft_means(model: nn.Module) -> None:

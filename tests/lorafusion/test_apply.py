@@ -49,8 +49,11 @@ def test_suffix_matching_needs_a_dot_boundary():
 def test_regex_must_match_the_whole_name(tiny_llama):
     names = find_target_modules(tiny_llama, r"model\.layers\.1\.self_attn\.(q|v)_proj")
     assert names == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
-    with pytest.raises(ValueError, match=r"target_modules entries \['q_proj'\] match no nn.Linear layer"):
-        find_target_modules(tiny_llama, "q_proj")  # a regex, not a suffix: matches nothing in full
+    # A regex, not a suffix: "q_proj" matches nothing in full, and the error says how PEFT reads it.
+    with pytest.raises(ValueError, match=r"target_modules='q_proj' is a string, which PEFT reads as a regular "
+                       r"expression that must match a whole module name .* give a list: \['q_proj'\]$"):
+        find_target_modules(tiny_llama, "q_proj")
+    assert find_target_modules(tiny_llama, r".*\.q_proj") == find_target_modules(tiny_llama, ["q_proj"])
 
 
 def test_all_linear_leaves_out_the_output_layer(tiny_llama):
@@ -122,3 +125,4 @@ def test_all_linear_is_refused_where_peft_would_adapt_other_modules():
     ))
     with pytest.raises(ValueError, match="LlamaForSequenceClassification: PEFT leaves the classification head out"):
         apply_lora(classifier, LoRAConfig(r=2, target_modules="all-linear"))
+

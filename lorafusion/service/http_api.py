@@ -13,7 +13,8 @@ not a length), 401 (token missing or wrong, when the server has one: "Authorizat
 403 (data outside the server's data_roots), 404, 408 (the body did not arrive within
 REQUEST_TIMEOUT_S), 409 (name taken; cancel of an ended job), 411 (no Content-Length), 413 (body
 over 1 MiB). What the API answers is committed first. A connection whose request body was not read
-whole is closed after the answer (the rest of a body is never taken for a request).
+whole is closed after the answer (the rest of a body is never taken for a request). http.server's
+own refusals (501 for another method, 400 for a malformed request line, 431) are JSON too.
 """
 
 from __future__ import annotations
@@ -56,6 +57,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         pass  # the job logs are the service's log; no line per request on stderr
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own refusals (an unsupported method, a malformed request line, too many
+        or too long headers) in the API's JSON, not its HTML page; the connection is closed."""
+        if self.request_version == "HTTP/0.9":  # not parsed yet: answer with a status line anyway
+            self.request_version = "HTTP/1.0"
+        text = " ".join((message or self.responses.get(code, ("error",))[0]).split())
+        data = json.dumps({"error": text, "problems": []}).encode()
+        self.close_connection = True
+        self.send_response(code, message)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def do_GET(self) -> None:
         self._answer(self._get)

@@ -83,3 +83,17 @@ def test_an_unread_body_is_never_taken_for_the_next_request(service):
     smuggled = b"GET /jobs HTTP/1.1\r\nHost: x\r\n\r\n"
     answers = exchange(service, post("/jobs/nobody/cancel", smuggled, keep_alive=True))
     assert [code for code, _ in answers] == [404], answers
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        (b"PUT /jobs HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 501),  # a method the API has not
+        (b"GET /jobs HTTP/1.1 extra\r\nHost: x\r\n\r\n", 400),  # a malformed request line
+        (b"GET /jobs HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431),  # over http.client's 100 headers
+    ],
+)
+def test_requests_http_server_refuses_itself_are_answered_in_json_too(service, raw, status):
+    answers = exchange(service, raw)
+    assert [code for code, _ in answers] == [status], answers
+    assert "\n" not in answers[0][1]["error"]

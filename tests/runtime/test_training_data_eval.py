@@ -245,3 +245,31 @@ def test_a_real_early_stopping_run_publishes_its_lowest_eval_loss(tmp_path: Path
     held_out = load_samples(held_out_file, "prompt_completion", ByteTokenizer(), 24)
     assert peft_eval_loss(out, "add", held_out) == pytest.approx(logged[best], rel=1e-5)
     assert result.jobs["add"].eval_loss == logged[best]
+
+
+def test_evaluating_jobs_resume_to_the_uninterrupted_run_at_every_stop_point(tmp_path: Path) -> None:
+    # Eval losses, early stopping (a job stops partway, publishing its best eval's adapter), dropout
+    # and checkpoints every 2 steps: stopped after k microbatches and resumed, every job publishes the
+    # uninterrupted run's adapter bit for bit and logs the same eval losses.
+    evaluated = {"eval_fraction": 0.2, "eval_every": 1, "lora_dropout": 0.2, "lr": 0.05, "lr_schedule": "constant"}
+    data = config_dict(
+        tmp_path, jobs=("add", "txt"), checkpoint_every=2,
+        # add's eval loss is lowest at step 2 (a checkpoint), then rises: it stops at step 4.
+        add={**evaluated, "lr": 0.03, "early_stopping_patience": 2, "max_steps": 10}, txt={**evaluated, "max_steps": 5},
+    )
+    root = Path(data["output_dir"])
+
+    def trainer(output: str) -> MultiJobTrainer:
+        return MultiJobTrainer(parse_config({**data, "output_dir": str(root / output)}, base_dir=tmp_path), device="cpu", progress=False)
+
+    reference = trainer("reference").train()
+    assert reference.jobs["add"].steps == 4  # stopped early
+    expected = {(r["job"], r["step"]): r.get("eval_loss") for r in metrics(root / "reference")}
+    for stop in range(1, reference.microbatches_run):
+        assert trainer(f"stop-{stop}").train(stop_after_microbatches=stop).interrupted
+        resumed = trainer(f"stop-{stop}").train(resume=True)
+        assert {name: job.steps for name, job in resumed.jobs.items()} == {name: job.steps for name, job in reference.jobs.items()}
+        assert {(r["job"], r["step"]): r.get("eval_loss") for r in metrics(root / f"stop-{stop}")} == expected, stop
+        for job in ("add", "txt"):
+            published, wanted = saved_adapter(root / f"stop-{stop}" / job), saved_adapter(root / "reference" / job)
+            assert all(torch.equal(published[key], wanted[key]) for key in wanted), (stop, job)

@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:  # the state directory in use or refused, the port taken, ...
         print(f"lorafusion serve: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while the base model loads: Service.start let everything go
+        print("lorafusion serve: interrupted while starting; accepted jobs continue at the next start", file=sys.stderr)
+        return 130
     stop = lambda signum, frame: service.trainer.stop_requested.set()  # noqa: E731
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(f"lorafusion serve: listening on {service.url} (state in {server_config.state_dir})", flush=True)

@@ -111,3 +111,17 @@ def test_a_service_that_is_down_is_named(capsys):
     for command in (["jobs"], ["cancel", "x"], ["logs", "x"]):
         err = one_line_error(capsys, [*command, "--url", url])
         assert err.startswith(f"lorafusion {command[0]}: cannot reach the service at {url} ("), err
+
+
+def test_ctrl_c_while_serve_starts_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    from lorafusion.service.server import Service
+    from service_fixtures import server_dict
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what SIGINT raises while the base model loads
+
+    monkeypatch.setattr(Service, "start", interrupted)
+    (tmp_path / "server.yaml").write_text(json.dumps(server_dict(tmp_path)))
+    assert main(["serve", str(tmp_path / "server.yaml"), "--device", "cpu"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "lorafusion serve: interrupted while starting; accepted jobs continue at the next start\n"

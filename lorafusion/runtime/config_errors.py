@@ -32,7 +32,13 @@ def describe(value: object) -> str:
         return "null"
     if isinstance(value, (dict, list)):
         return f"a {'mapping' if isinstance(value, dict) else 'list'}"
-    return f"{value!r} ({type(value).__name__})" if isinstance(value, str) else repr(value)
+    return f"{_shortened(value)} ({type(value).__name__})" if isinstance(value, str) else _shortened(value)
+
+
+def _shortened(value: object, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: the answer stays one readable line whatever was written."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 _REASONS = {

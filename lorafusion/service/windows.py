@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 from lorafusion.runtime.config import SchedulerSpec
@@ -97,18 +98,31 @@ def _ready() -> None:
 
 class WindowPlanner:
     """Plans windows in one worker process (a solver holding the GIL would slow training), keeping
-    the plan of the window expected next."""
+    the plan of the window expected next. A worker that dies (killed, out of memory) is replaced."""
 
     def __init__(self, spec: SchedulerSpec):
         self.spec = spec
-        self._executor = ProcessPoolExecutor(
+        self._executor = self._start_worker()
+        self._ahead: tuple[Window, Future] | None = None
+
+    @staticmethod
+    def _start_worker() -> ProcessPoolExecutor:
+        executor = ProcessPoolExecutor(
             max_workers=1,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_exit_with_parent,
             initargs=(os.getpid(),),
         )
-        self._executor.submit(_ready)  # the worker starts (imports) now, while the base model loads
-        self._ahead: tuple[Window, Future] | None = None
+        executor.submit(_ready)  # the worker starts (imports) now, while the base model loads
+        return executor
+
+    def _submit(self, window: Window) -> Future:
+        try:
+            return self._executor.submit(plan_window, window, self.spec)
+        except BrokenProcessPool:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = self._start_worker()
+            return self._executor.submit(plan_window, window, self.spec)
 
     def plan_ahead(self, window: Window) -> None:
         """Start planning `window` in the background (unless it is already being planned)."""
@@ -116,14 +130,17 @@ class WindowPlanner:
             return
         if self._ahead is not None:
             self._ahead[1].cancel()
-        self._ahead = (window, self._executor.submit(plan_window, window, self.spec))
+        self._ahead = (window, self._submit(window))
 
     def plan(self, window: Window) -> Schedule:
         """The plan of `window`: the one planned ahead if it was this window, else planned now."""
         self.plan_ahead(window)
         _, future = self._ahead
         self._ahead = None
-        return future.result()
+        try:
+            return future.result()
+        except BrokenProcessPool:  # the worker died with it: a new one plans it
+            return self._submit(window).result()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -45,3 +45,26 @@ def test_a_window_covers_each_running_jobs_next_batches_and_maps_back_to_them(tm
     assert [(w.name, w.first_batch, w.end_batch) for w in after] == [("add", 3, 4), ("rev", 2, 3)]
     runs["rev"].status = "cancelled"
     assert [w.name for w in following_window(runs, 2, window)] == ["add"]
+
+
+def test_a_planner_worker_that_dies_is_replaced(tmp_path):
+    """The worker killed (out of memory, by hand): the next plans are made by a new one, not the
+    service's end (a BrokenProcessPool from plan() stopped its training thread)."""
+    import os
+    import signal
+
+    from lorafusion.service.windows import WindowPlanner
+
+    spec = SchedulerSpec(capacity=40, solver="greedy")
+    window, planner = window_of(jobs(tmp_path), 2), WindowPlanner(spec)
+    try:
+        assert planner.plan(window) == plan_window(window, spec)
+        for pid in list(planner._executor._processes):
+            os.kill(pid, signal.SIGKILL)
+        assert planner.plan(window) == plan_window(window, spec)  # planned while the worker was gone
+        for pid in list(planner._executor._processes):
+            os.kill(pid, signal.SIGKILL)
+        planner.plan_ahead(window)  # submitted to the dead worker: planned again when asked for
+        assert planner.plan(window) == plan_window(window, spec)
+    finally:
+        planner.close()

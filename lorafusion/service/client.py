@@ -67,6 +67,10 @@ class ServiceClient:
             if not isinstance(answer, dict) or not isinstance(answer.get("error"), str):
                 raise ServiceError(f"{self.url} answered HTTP {error.code} {error.reason} to {method} {path}; is it a lorafusion service?") from None
             raise ServiceError(f"{answer['error']} (service at {self.url})", answer.get("problems") or [], self.url) from None
+        except TimeoutError:  # it has the request, perhaps a submission whose data takes long to check
+            raise ServiceError(
+                f"no answer from {self.url} within {self.timeout_s:g} s to {method} {path}; it may still be carried out: see `lorafusion jobs`"
+            ) from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise ServiceError(f"cannot reach the service at {self.url} ({reason}); is `lorafusion serve` running?") from None

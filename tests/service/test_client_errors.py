@@ -125,3 +125,18 @@ def test_ctrl_c_while_serve_starts_is_one_line_and_exit_130(tmp_path, capsys, mo
     assert main(["serve", str(tmp_path / "server.yaml"), "--device", "cpu"]) == 130
     captured = capsys.readouterr()
     assert captured.err == "lorafusion serve: interrupted while starting; accepted jobs continue at the next start\n"
+
+
+def test_no_answer_in_time_says_the_request_may_still_complete(fake, monkeypatch):
+    from lorafusion.service.client import ServiceClient, ServiceError
+
+    def slow_reply(handler):
+        threading.Event().wait(3)  # longer than the client waits (a submission of a large dataset)
+        FakeService._reply(handler)
+
+    monkeypatch.setattr(FakeService, "do_POST", slow_reply)
+    with pytest.raises(ServiceError) as refused:
+        ServiceClient(url_of(fake), timeout_s=0.5).submit({"name": "big"})
+    assert str(refused.value) == (
+        f"no answer from {url_of(fake)} within 0.5 s to POST /jobs; it may still be carried out: see `lorafusion jobs`"
+    )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import json
 import re
+import sys
 import time
 import traceback
 from http import HTTPStatus
@@ -48,6 +49,11 @@ class ServiceHTTPServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], trainer: ServiceTrainer, token: str | None):
         self.trainer, self.token = trainer, token
         super().__init__(address, _Handler)
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return  # the client hung up or stalled: its answer cannot be sent, and nothing here broke
+        super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

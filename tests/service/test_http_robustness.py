@@ -97,3 +97,20 @@ def test_requests_http_server_refuses_itself_are_answered_in_json_too(service, r
     answers = exchange(service, raw)
     assert [code for code, _ in answers] == [status], answers
     assert "\n" not in answers[0][1]["error"]
+
+
+def test_a_client_gone_before_its_answer_prints_no_traceback(service, capsys):
+    """The answer to a client that hung up (or stalled past the socket timeout) cannot be sent:
+    nothing to tell anyone, no traceback on the service's stderr; any other error still prints."""
+    http = service.service.http
+    for gone in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), TimeoutError("timed out")):
+        try:
+            raise gone
+        except OSError:
+            http.handle_error(None, ("127.0.0.1", 1))
+    assert capsys.readouterr().err == ""
+    try:
+        raise KeyError("a bug")
+    except KeyError:
+        http.handle_error(None, ("127.0.0.1", 1))
+    assert "KeyError: 'a bug'" in capsys.readouterr().err

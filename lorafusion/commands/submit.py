@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lorafusion.safe_yaml import YAMLInputError, load_yaml
-    from lorafusion.service.client import ServiceClient, ServiceError, job_with_absolute_paths
+    from lorafusion.service.client import ServiceClient, ServiceError, job_with_absolute_paths, json_problem
 
     path = Path(args.job).expanduser().resolve()
     try:
@@ -27,6 +27,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except YAMLInputError as error:
         print(f"lorafusion submit: {error}", file=sys.stderr)
+        return 2
+    unsendable = json_problem(job)
+    if unsendable:
+        print(f"lorafusion submit: {path}: {unsendable} cannot be sent as JSON; write it as a string or number", file=sys.stderr)
         return 2
     try:
         record = ServiceClient.from_args(args).submit(job_with_absolute_paths(job, path.parent))

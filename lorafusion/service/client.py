@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import urllib.error
 import urllib.parse
@@ -108,6 +109,24 @@ def _json_or_none(data: bytes) -> object:
         return json.loads(data)
     except (ValueError, RecursionError):
         return None
+
+
+def json_problem(value: object, key: str = "<job>") -> str | None:
+    """'KEY: VALUE (TYPE)' of the first value in a job mapping that JSON cannot carry (a YAML date,
+    binary, NaN or infinity, a key that is not a string), or None."""
+    if value is None or isinstance(value, (str, bool, int)) or (isinstance(value, float) and math.isfinite(value)):
+        return None
+    if isinstance(value, list):
+        return next(filter(None, (json_problem(item, f"{key}[{i}]") for i, item in enumerate(value))), None)
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if not isinstance(name, str):
+                return f"{key}: a key {name!r} ({type(name).__name__})"
+            problem = json_problem(item, name if key == "<job>" else f"{key}.{name}")
+            if problem:
+                return problem
+        return None
+    return f"{key}: {value} ({type(value).__name__})"
 
 
 def job_with_absolute_paths(job: object, base_dir: Path) -> object:

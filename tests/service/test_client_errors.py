@@ -140,3 +140,14 @@ def test_no_answer_in_time_says_the_request_may_still_complete(fake, monkeypatch
     assert str(refused.value) == (
         f"no answer from {url_of(fake)} within 0.5 s to POST /jobs; it may still be carried out: see `lorafusion jobs`"
     )
+
+
+@pytest.mark.parametrize(
+    "line, named",
+    [("notes: 2024-01-01", "notes: 2024-01-01 (date)"), ("lr: .nan", "lr: nan (float)"),
+     ("target_modules: [q_proj, !!binary aGk=]", "target_modules[1]: b'hi' (bytes)"), ("columns: {1: text}", "columns: a key 1 (int)")],
+)
+def test_a_job_file_value_json_cannot_carry_is_named(tmp_path, capsys, line, named):
+    (tmp_path / "job.yaml").write_text(f"name: j\ndata: d.jsonl\n{line}\n")
+    err = one_line_error(capsys, ["submit", str(tmp_path / "job.yaml"), "--url", "http://127.0.0.1:9"])
+    assert err == f"lorafusion submit: {tmp_path / 'job.yaml'}: {named} cannot be sent as JSON; write it as a string or number\n"

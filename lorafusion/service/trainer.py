@@ -17,7 +17,6 @@ Files under the state directory (besides store.py's database):
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from lorafusion.config import LoRAConfig
 from lorafusion.runtime.checkpoints import CheckpointStore
 from lorafusion.runtime.config import ConfigError, JobSpec
 from lorafusion.runtime.data import DataError, Sample
+from lorafusion.runtime.data_sources import data_digest
 from lorafusion.runtime.job_state import JobRun, job_lora_config, load_job_samples, training_order
 from lorafusion.runtime.model import build_base_model
 from lorafusion.runtime.tokenizer import load_tokenizer
@@ -51,18 +51,6 @@ class SubmissionError(Exception):
     def __init__(self, problems: list[tuple[str, str]], status: int = 400):
         self.problems, self.status = problems, status
         super().__init__("; ".join(f"{key}: {reason}" for key, reason in problems))
-
-
-def data_digest(path: Path) -> str:
-    """A digest of the job's data (a file, or every file of a directory dataset)."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 class ServiceTrainer(TrainingLoop):

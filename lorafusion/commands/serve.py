@@ -44,11 +44,21 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C while the base model loads: Service.start let everything go
         print("lorafusion serve: interrupted while starting; accepted jobs continue at the next start", file=sys.stderr)
         return 130
-    stop = lambda signum, frame: service.trainer.stop_requested.set()  # noqa: E731
+    def stop(signum, frame) -> None:
+        """The first SIGINT/SIGTERM stops between two microbatches, checkpointing the running jobs;
+        a second one at once, as a kill -9 would (every accepted job continues from its last checkpoint)."""
+        if service.trainer.stop_requested.is_set():
+            raise KeyboardInterrupt
+        service.trainer.stop_requested.set()
+
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(f"lorafusion serve: listening on {service.url} (state in {server_config.state_dir})", flush=True)
     try:
         service.train_until_stopped()
+    except KeyboardInterrupt:
+        print("lorafusion serve: stopped at once by a second signal; accepted jobs continue from their last "
+              "checkpoints at the next start", file=sys.stderr)
+        return 130
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -151,3 +151,46 @@ def test_a_job_file_value_json_cannot_carry_is_named(tmp_path, capsys, line, nam
     (tmp_path / "job.yaml").write_text(f"name: j\ndata: d.jsonl\n{line}\n")
     err = one_line_error(capsys, ["submit", str(tmp_path / "job.yaml"), "--url", "http://127.0.0.1:9"])
     assert err == f"lorafusion submit: {tmp_path / 'job.yaml'}: {named} cannot be sent as JSON; write it as a string or number\n"
+
+
+def test_a_second_signal_stops_serve_at_once(tmp_path, capsys, monkeypatch):
+    """SIGTERM (or Ctrl-C) stops between two microbatches and checkpoints the running jobs; a
+    second one while that takes long stops at once (as a kill -9 would: nothing accepted is lost),
+    one line and exit 130."""
+    import os
+    import signal
+    import time
+
+    from lorafusion.service.server import Service
+    from lorafusion.service.trainer import ServiceTrainer
+    from service_fixtures import server_dict
+
+    started, stopping = threading.Event(), threading.Event()
+    start = Service.start
+
+    def start_and_tell(*args, **kwargs):
+        service = start(*args, **kwargs)
+        started.set()
+        return service
+
+    def slow_checkpoints(self):
+        stopping.set()
+        time.sleep(60)  # a stop that takes long (many large jobs to checkpoint)
+
+    monkeypatch.setattr(Service, "start", start_and_tell)
+    monkeypatch.setattr(ServiceTrainer, "_checkpoint_running", slow_checkpoints)
+
+    def signal_twice():
+        assert started.wait(60)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stopping.wait(60)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_twice, daemon=True).start()
+    (tmp_path / "server.yaml").write_text(json.dumps(server_dict(tmp_path)))
+    began = time.monotonic()
+    assert main(["serve", str(tmp_path / "server.yaml"), "--device", "cpu"]) == 130
+    assert time.monotonic() - began < 30
+    err = capsys.readouterr().err
+    assert err == "lorafusion serve: stopped at once by a second signal; accepted jobs continue from their last checkpoints at the next start\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -1,6 +1,7 @@
 """`lorafusion submit/jobs/cancel/logs` when the service is down, the URL is wrong or something
 else answers: one line on stderr naming the URL and the problem, exit code 2, no traceback. A
-job name goes into the URL as one path segment whatever it holds."""
+job name goes into the URL as one path segment whatever it holds. `lorafusion serve` interrupted
+while it starts, or signalled twice while it stops: one line, exit 130."""
 
 from __future__ import annotations
 

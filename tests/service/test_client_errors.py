@@ -158,7 +158,6 @@ def test_a_second_signal_stops_serve_at_once(tmp_path, capsys, monkeypatch):
     """SIGTERM (or Ctrl-C) stops between two microbatches and checkpoints the running jobs; a
     second one while that takes long stops at once (as a kill -9 would: nothing accepted is lost),
     one line and exit 130."""
-    import os
     import signal
     import time
 
@@ -181,11 +180,13 @@ def test_a_second_signal_stops_serve_at_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(Service, "start", start_and_tell)
     monkeypatch.setattr(ServiceTrainer, "_checkpoint_running", slow_checkpoints)
 
-    def signal_twice():
+    def signal_twice():  # to the main thread: a signal taken by another thread wakes no sleep there
         assert started.wait(60)
-        os.kill(os.getpid(), signal.SIGTERM)
+        while signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # serve's handler not installed yet
+            time.sleep(0.01)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
         assert stopping.wait(60)
-        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
 
     threading.Thread(target=signal_twice, daemon=True).start()
     (tmp_path / "server.yaml").write_text(json.dumps(server_dict(tmp_path)))

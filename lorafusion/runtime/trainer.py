@@ -125,6 +125,15 @@ def save_inline_base_model(model_spec, tokenizer, root: Path, keep_complete: boo
     return target
 
 
+def _stable_text(value) -> str:
+    """A setting as the fingerprint records it: mappings (an inline model config, a job's columns)
+    with their keys sorted, so the same settings written in another key order (YAML dumpers sort
+    them) are the same run."""
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
 class MultiJobTrainer(TrainingLoop):
     """Trains every job of `config` together; see the module docstring for the outputs."""
 
@@ -193,15 +202,15 @@ class MultiJobTrainer(TrainingLoop):
         pipeline layout; a resumed run with other ones plans again)."""
         return {
             "jobs": {
-                name: {"data": _data_digests(job.spec), "spec": {k: str(v) for k, v in vars(job.spec).items()}}
+                name: {"data": _data_digests(job.spec), "spec": {k: _stable_text(v) for k, v in vars(job.spec).items()}}
                 for name, job in self.jobs.items()
             },
             # What the samples and the checkpoints' adapters were made with (all but how activations are kept).
             "base": {
-                **{f"model.{k}": str(v) for k, v in vars(self.config.model).items() if k != "gradient_checkpointing"},
+                **{f"model.{k}": _stable_text(v) for k, v in vars(self.config.model).items() if k != "gradient_checkpointing"},
                 "tokenizer": str(self.config.tokenizer),
             },
-            "scheduler": {k: str(v) for k, v in vars(self.config.scheduler).items() if k != "time_limit_s"},
+            "scheduler": {k: _stable_text(v) for k, v in vars(self.config.scheduler).items() if k != "time_limit_s"},
             "planning_stages": self.planning_stages,
         }
 

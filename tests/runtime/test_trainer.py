@@ -214,3 +214,12 @@ def test_resume_refuses_another_base_model(tmp_path):
     with pytest.raises(ValueError, match=r"schedule\.json was planned for another base model or tokenizer \(model\.seed differs\)"):
         MultiJobTrainer(other, progress=False).train(resume=True)
     assert MultiJobTrainer(config, progress=False).train(resume=True).jobs["add"].status == "finished"
+
+
+def test_the_resume_fingerprint_does_not_depend_on_key_order():
+    # yaml.safe_dump sorts keys: the same inline model config or columns written in another order
+    # is the same run (a torchrun worker's config once failed to resume in the parent this way).
+    from lorafusion.runtime.trainer import _stable_text
+
+    assert _stable_text({"b": 1, "a": {"d": 2, "c": 3}}) == _stable_text({"a": {"c": 3, "d": 2}, "b": 1})
+    assert _stable_text({"a": 1}) != _stable_text({"a": 2}) and _stable_text(0.5) == "0.5"

@@ -208,7 +208,7 @@ def test_hugging_face_trainer_reaches_the_same_adapter(tmp_path):
 
 
 def test_bitsandbytes_nf4_base_runs_the_nf4_path(monkeypatch):
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
 
     class TwoLayers(torch.nn.Module):
         def __init__(self):
@@ -342,8 +342,8 @@ def test_mixture_of_experts_model_matches_peft(target_modules, input_ids, monkey
 def sft_train(tmp_path, fused, *, bf16=False, sgd=False):
     """A tiny Llama with a PEFT adapter trained by TRL's SFTTrainer on text it tokenizes itself; returns
     (model, adapter weights before training)."""
-    trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
+    import datasets
+    import trl
     from lorafusion.runtime.tokenizer import ByteTokenizer
 
     torch.manual_seed(11)

@@ -81,7 +81,7 @@ def test_save_model_writes_what_from_pretrained_loads_as_the_trained_model(base_
 
 
 def test_trainer_trains_a_bitsandbytes_4bit_model_with_our_layers(base_dir, tmp_path):
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401 - the 4-bit model below needs it
     quantization = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                    bnb_4bit_compute_dtype=torch.float32)
     model = transformers.LlamaForCausalLM.from_pretrained(base_dir, quantization_config=quantization, device_map="cpu")

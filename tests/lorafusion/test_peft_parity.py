@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-peft = pytest.importorskip("peft")
+import peft
 
 from lorafusion import LoRAConfig, apply_lora, find_target_modules, load_adapter, lora_modules, save_adapter  # noqa: E402
 
@@ -104,7 +104,7 @@ def test_adapter_saved_by_peft_loads_here(tiny_llama, input_ids, tmp_path):
 
 
 def test_qwen2_with_biased_projections_matches_peft(input_ids, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     config = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
     base = transformers.Qwen2ForCausalLM(config).eval()

@@ -163,7 +163,7 @@ def test_export_merged_writes_a_plain_checkpoint(tmp_path):
 
 
 def test_parity_with_peft_lora_on_bitsandbytes_linear4bit():
-    peft = pytest.importorskip("peft")
+    import peft
     torch.manual_seed(0)
     source = TinyMLP()
     peft_base = TinyMLP()

@@ -105,7 +105,7 @@ def test_columns_rename_the_messages_field(tokenizer, tmp_path: Path) -> None:
 
 def test_conversations_in_a_save_to_disk_dataset(tokenizer, tmp_path: Path) -> None:
     # Arrow gives every message every key (null where a message has none): nulls are absent keys.
-    datasets = pytest.importorskip("datasets")
+    import datasets
     records = [conversation for conversation, _ in reversed(CONVERSATIONS)]  # from_list takes the columns of the first
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
     assert datasets.load_from_disk(str(tmp_path / "saved"))[1]["tools"] is None

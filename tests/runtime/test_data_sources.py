@@ -17,8 +17,7 @@ from lorafusion.runtime.data import DataError, load_samples
 from lorafusion.runtime.data_sources import data_digest
 from lorafusion.runtime.tokenizer import ByteTokenizer
 
-datasets = pytest.importorskip("datasets")  # the `data` extra, part of `dev`
-pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+import datasets  # the `data` extra, part of `dev`: missing, these tests fail rather than skip
 
 RECORDS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in ((3, 4), (10, 25), (7, 7), (40, 2), (1, 99))]
 COLUMNS = {"prompt": "question", "completion": "answer"}

@@ -15,13 +15,17 @@ REQUEST_TIMEOUT_S), 409 (name taken; cancel of an ended job), 411 (no Content-Le
 over 1 MiB). What the API answers is committed first. A connection whose request body was not read
 whole is closed after the answer (the rest of a body is never taken for a request). http.server's
 own refusals (501 for another method, 400 for a malformed request line, 431) are JSON too.
+While the service loads its base model every request is answered 503 (it listens from the start,
+so that a port in use is found before the model loads).
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import re
+import socket
 import sys
 import time
 import traceback
@@ -43,12 +47,38 @@ class ApiError(Exception):
         super().__init__(message)
 
 
-class ServiceHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+class ListenError(OSError):
+    """The service cannot listen on its host:port (in use, not permitted, not this machine's address)."""
 
-    def __init__(self, address: tuple[str, int], trainer: ServiceTrainer, token: str | None):
-        self.trainer, self.token = trainer, token
-        super().__init__(address, _Handler)
+
+# What to do about the usual reasons a bind fails.
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another process is listening there: stop it, or choose another port; 0 takes any free one",
+    errno.EACCES: "not permitted: ports below 1024 need privileges; choose a port >= 1024",
+    errno.EADDRNOTAVAIL: "the host is not an address of this machine",
+}
+
+
+class ServiceHTTPServer(ThreadingHTTPServer):
+    """Listens once constructed (ListenError if it cannot); answers 503 until `trainer` is set."""
+
+    daemon_threads = True
+    allow_reuse_port = False  # a second service on the same port must be refused, not share it
+
+    def __init__(self, address: tuple[str, int], token: str | None):
+        self.trainer: ServiceTrainer | None = None
+        self.token = token
+        host, port = address
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            super().__init__(address, _Handler)
+        except OSError as error:
+            reason = error.strerror or str(error)
+            if isinstance(error, socket.gaierror):
+                reason = f"cannot resolve the host ({reason})"
+            hint = _BIND_HINTS.get(error.errno)
+            raise ListenError(f"cannot listen on {where}: {reason}" + (f" ({hint})" if hint else "")) from None
 
     def handle_error(self, request, client_address) -> None:
         if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
@@ -90,6 +120,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_read = False
         try:
             self._check_token()
+            if self.server.trainer is None:
+                raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "the service is starting (loading its base model); try again shortly")
             status, body = route(self.path.split("?", 1)[0].rstrip("/") or "/")
         except ApiError as error:
             status = error.status

@@ -20,31 +20,36 @@ STATE_ENTRIES = [DATABASE_FILE, f"{DATABASE_FILE}-journal", CHECKPOINTS_DIR, ADA
 class Service:
     def __init__(self, directory: RunDirectory, store: JobStore, trainer: ServiceTrainer, http: ServiceHTTPServer):
         self.directory, self.store, self.trainer, self.http = directory, store, trainer, http
-        self._http_thread = threading.Thread(target=http.serve_forever, name="lorafusion-http", daemon=True)
-        self._http_thread.start()
 
     @classmethod
     def start(cls, config: ServerConfig, device: str | None = None) -> Service:
-        """Claim the state directory (a new or empty one, or this service's own from an earlier
-        start: it then continues every accepted job), load the base model, listen."""
-        state_dir = config.state_dir
-        marker = read_marker(state_dir)
-        if marker is not None and DATABASE_FILE not in marker["entries"]:
-            raise OutputDirError(f"{state_dir} holds a lorafusion train run, not a service's state; choose another state_dir")
-        directory = RunDirectory.claim(state_dir, STATE_ENTRIES, resume=marker is not None, overwrite=False)
-        store = trainer = None
+        """Listen (first: a port in use or refused is found before anything else is touched, and
+        requests are answered 503 meanwhile), claim the state directory (a new or empty one, or this
+        service's own from an earlier start: it then continues every accepted job), load the base
+        model, answer."""
+        http = ServiceHTTPServer((config.host, config.port), config.token)
+        threading.Thread(target=http.serve_forever, name="lorafusion-http", daemon=True).start()
+        directory = store = trainer = None
         try:
+            state_dir = config.state_dir
+            marker = read_marker(state_dir)
+            if marker is not None and DATABASE_FILE not in marker["entries"]:
+                raise OutputDirError(f"{state_dir} holds a lorafusion train run, not a service's state; choose another state_dir")
+            directory = RunDirectory.claim(state_dir, STATE_ENTRIES, resume=marker is not None, overwrite=False)
             store = JobStore(state_dir / DATABASE_FILE)
             with deepspeed_left_unimported():  # saving an inline base model would import it, for nothing
                 trainer = ServiceTrainer(config, store, device)
-            http = ServiceHTTPServer((config.host, config.port), trainer, config.token)
         except BaseException:
+            http.shutdown()
+            http.server_close()
             if trainer is not None:
                 trainer.close()
             if store is not None:
                 store.close()
-            directory.release()
+            if directory is not None:
+                directory.release()
             raise
+        http.trainer = trainer
         return cls(directory, store, trainer, http)
 
     @property

@@ -171,3 +171,76 @@ def test_a_state_directory_serves_one_service_at_a_time(tmp_path, capsys):
     RunDirectory.claim(tmp_path / "training-run", ["checkpoints"], resume=False, overwrite=False).release()
     with pytest.raises(OutputDirError, match="holds a lorafusion train run, not a service's state"):
         Service.start(parse_server_config(server_dict(tmp_path, state_dir=str(tmp_path / "training-run")), tmp_path))
+
+
+@pytest.mark.parametrize(
+    "problem, host, reason",
+    [
+        ("in use", "127.0.0.1", "Address already in use (another process is listening there: stop it, or choose another "
+                                "port; 0 takes any free one)"),
+        ("not this machine's", "192.0.2.1", "Cannot assign requested address (the host is not an address of this machine)"),
+        ("not permitted", "127.0.0.1", "Permission denied (not permitted: ports below 1024 need privileges; choose a port >= 1024)"),
+    ],
+)
+def test_a_port_serve_cannot_listen_on_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, problem, host, reason):
+    """One line naming host:port and the problem, exit 2, before the base model loads (which takes
+    minutes for a large one) and with the state directory left as it was."""
+    import socket
+
+    from lorafusion.runtime.run_directory import RunDirectory
+    from lorafusion.service.server import STATE_ENTRIES
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr("lorafusion.service.trainer.build_base_model", no_model)
+    monkeypatch.setenv("LORAFUSION_TOKEN", "t" * 16)  # a non-loopback host needs one
+    RunDirectory.claim(tmp_path / "state", STATE_ENTRIES, resume=False, overwrite=False).release()
+    before = {p: p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file()}
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1] if problem == "in use" else 1
+        if problem == "not permitted":  # (these tests may run as root, who may bind any port)
+            def refused(self, address):
+                raise PermissionError(13, "Permission denied")
+
+            monkeypatch.setattr(socket.socket, "bind", refused)
+        (tmp_path / "server.yaml").write_text(json.dumps(server_dict(tmp_path, host=host, port=port)))
+        assert main(["serve", str(tmp_path / "server.yaml"), "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"lorafusion serve: cannot listen on {host}:{port}: {reason}\n" and captured.out == ""
+    assert {p: p.read_bytes() for p in (tmp_path / "state").rglob("*") if p.is_file()} == before
+    RunDirectory.claim(tmp_path / "state", STATE_ENTRIES, resume=True, overwrite=False).release()  # not left locked
+
+
+def test_requests_while_the_base_model_loads_are_answered_503(tmp_path, monkeypatch):
+    import socket
+    import threading
+
+    import lorafusion.service.trainer as service_trainer
+    from lorafusion.service.server import Service
+
+    loading, loaded = threading.Event(), threading.Event()
+    build = service_trainer.build_base_model
+
+    def slow_build(*args, **kwargs):
+        loading.set()
+        assert loaded.wait(60)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(service_trainer, "build_base_model", slow_build)
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]
+    config = parse_server_config(server_dict(tmp_path, port=port), tmp_path)
+    started = []
+    thread = threading.Thread(target=lambda: started.append(Service.start(config, device="cpu")))
+    thread.start()
+    assert loading.wait(60)
+    status, body = raw_request(f"http://127.0.0.1:{port}/jobs")
+    assert (status, body) == (503, {"error": "the service is starting (loading its base model); try again shortly", "problems": []})
+    loaded.set()
+    thread.join(60)
+    try:
+        assert raw_request(f"http://127.0.0.1:{port}/jobs") == (200, {"jobs": []})
+    finally:
+        started[0].trainer.close()
+        started[0].close()

@@ -19,15 +19,24 @@ from __future__ import annotations
 import json
 import numbers
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 IGNORE_INDEX = -100  # label of a position without loss (PyTorch cross_entropy's default ignore_index)
 # Each format's fields (the ones a job's `columns` may rename), and the optional ones it reads when present.
 FIELDS_OF_FORMAT = {"prompt_completion": ("prompt", "completion"), "text": ("text",), "messages": ("messages",)}
 OPTIONAL_FIELDS_OF_FORMAT = {"prompt_completion": (), "text": (), "messages": ("tools",)}
 DATA_FORMATS = tuple(FIELDS_OF_FORMAT)
+
+# How a data file is opened for reading (binary). The service's opens each file only where it lies
+# under its data roots (lorafusion.service.data_access); anything else reads it plainly.
+Opener = Callable[[Path], BinaryIO]
+
+
+def open_binary(path: Path) -> BinaryIO:
+    return open(path, "rb")  # noqa: SIM115 - the caller closes it
 
 
 class Tokenizer(Protocol):
@@ -75,12 +84,14 @@ class DataError(ValueError):
 
 
 def load_samples(
-    path: str | os.PathLike, format: str, tokenizer: Tokenizer, max_seq_len: int, columns: dict[str, str] | None = None
+    path: str | os.PathLike, format: str, tokenizer: Tokenizer, max_seq_len: int, columns: dict[str, str] | None = None,
+    opener: Opener = open_binary,
 ) -> list[Sample]:
     """Read and tokenize every record of a dataset (a JSONL or Parquet file, a directory of Parquet
     files or one written by datasets' save_to_disk; see data_sources.py), in order.
 
-    `columns` maps the format's field names to the dataset's (e.g. {"prompt": "question"}).
+    `columns` maps the format's field names to the dataset's (e.g. {"prompt": "question"}); every
+    file is opened with `opener`.
     Raises DataError naming the file and the line (or row) on a bad record, a record with no target
     token after truncation, an unreadable or empty dataset.
     """
@@ -94,8 +105,8 @@ def load_samples(
         from .chat import ChatRenderer
 
         renderer = ChatRenderer.of(tokenizer, Path(path))
-        return [renderer.sample(record, max_seq_len) for record in read_records(path, format, columns)]
-    return [_tokenize(record, format, tokenizer, max_seq_len) for record in read_records(path, format, columns)]
+        return [renderer.sample(record, max_seq_len) for record in read_records(path, format, columns, opener)]
+    return [_tokenize(record, format, tokenizer, max_seq_len) for record in read_records(path, format, columns, opener)]
 
 
 def load_jsonl_dataset(path: str | os.PathLike, format: str, tokenizer: Tokenizer, max_seq_len: int) -> list[Sample]:
@@ -120,11 +131,11 @@ class Record:
         return DataError(self.path, self.number, reason, self.unit)
 
 
-def jsonl_lines(path: Path):
+def jsonl_lines(path: Path, opener: Opener = open_binary):
     """(line number, raw line) of each non-blank line of a JSONL file, read a line at a time (a large
     file is never held whole); DataError naming the file when it cannot be read or holds no record."""
     try:
-        file = open(path, "rb")  # noqa: SIM115 - closed below, after the last line is yielded
+        file = opener(path)  # closed below, after the last line is yielded
     except OSError as error:
         raise DataError(path, None, f"cannot read: {error.strerror or error}") from error
     found = False

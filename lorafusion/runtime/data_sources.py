@@ -4,12 +4,13 @@ A job's `data` (and `eval_data`) is one of:
 
 * a JSONL file (any name not ending in .parquet), read a line at a time;
 * a Parquet file (*.parquet), or a directory of them (read in name order), read in batches of rows;
-* a directory written by `datasets.Dataset.save_to_disk` (it holds state.json), memory-mapped
-  Arrow, read in batches of rows.
+* a directory written by `datasets.Dataset.save_to_disk` (it holds state.json): the Arrow files
+  state.json lists, read in batches of rows.
 
-Parquet and save_to_disk need the `data` extra (datasets, pyarrow), imported only when such a
-dataset is read. Records are yielded one at a time and tokenized as they come, so a dataset is
-never held in Python objects twice: a 1 GB JSONL is read once, and what stays is its samples.
+Every file is opened through an `opener` (the service's opens only files under its data roots).
+Parquet and save_to_disk need the `data` extra (pyarrow; datasets writes save_to_disk
+directories), imported only when such a dataset is read. Records are yielded one at a time and
+tokenized as they come, so a dataset is never held in Python objects twice: a 1 GB JSONL is read once, and what stays is its samples.
 
 `columns` maps a format's field names to the dataset's own (`{"prompt": "question"}`); a record's
 fields reach the tokenizer under the format's names, and errors name the dataset's.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,9 +29,11 @@ from .data import (
     FIELDS_OF_FORMAT,
     OPTIONAL_FIELDS_OF_FORMAT,
     DataError,
+    Opener,
     Record,
     check_fields,
     jsonl_lines,
+    open_binary,
     parse_json_object,
 )
 
@@ -40,26 +44,29 @@ DATASET_DICT_MARKER = "dataset_dict.json"  # ... and beside a DatasetDict's spli
 _LIST_FIELDS = ("messages", "tools")  # the other fields are strings
 
 
-def read_records(path: str | os.PathLike, format: str, columns: Mapping[str, str] | None = None) -> Iterator[Record]:
+def read_records(
+    path: str | os.PathLike, format: str, columns: Mapping[str, str] | None = None, opener: Opener = open_binary
+) -> Iterator[Record]:
     """Each record of the dataset at `path`, in order, with the fields of `format` (see data.py)
     checked and named as the format names them. DataError naming the file and the line (JSONL)
-    or row index (tables) of a bad record, or the file that cannot be read or holds no record."""
+    or row index (tables) of a bad record, or the file that cannot be read or holds no record.
+    Every file is opened with `opener`."""
     path = Path(path)
     fields = _Fields(format, columns or {})
     if path.is_dir():
         if (path / SAVE_TO_DISK_MARKER).is_file():
-            yield from _read_saved_dataset(path, fields)
+            yield from _read_saved_dataset(path, fields, opener)
         elif (path / DATASET_DICT_MARKER).is_file():
             splits = sorted(child.name for child in path.iterdir() if (child / SAVE_TO_DISK_MARKER).is_file())
             raise DataError(path, None, f"holds a DatasetDict (splits: {', '.join(splits)}); give one split's directory, e.g. {path / (splits or ['train'])[0]}")
         elif parquet_files := sorted(path.glob("*.parquet")):
-            yield from _read_parquet(path, parquet_files, fields)
+            yield from _read_parquet(path, parquet_files, fields, opener)
         else:
             raise DataError(path, None, f"not a dataset directory: no {SAVE_TO_DISK_MARKER} (datasets' save_to_disk) and no *.parquet files")
     elif path.suffix == ".parquet":
-        yield from _read_parquet(path, [path], fields)
+        yield from _read_parquet(path, [path], fields, opener)
     else:
-        yield from _read_jsonl(path, fields)
+        yield from _read_jsonl(path, fields, opener)
 
 
 class _Fields:
@@ -92,42 +99,65 @@ class _Fields:
         return [column for column in self.required + self.optional if column in names]
 
 
-def _read_jsonl(path: Path, fields: _Fields) -> Iterator[Record]:
-    for number, raw_line in jsonl_lines(path):
+def _read_jsonl(path: Path, fields: _Fields, opener: Opener) -> Iterator[Record]:
+    for number, raw_line in jsonl_lines(path, opener):
         yield fields.record(path, number, "line", parse_json_object(path, number, raw_line))
 
 
-def _read_parquet(path: Path, files: list[Path], fields: _Fields) -> Iterator[Record]:
+def _read_parquet(path: Path, files: list[Path], fields: _Fields, opener: Opener) -> Iterator[Record]:
     pyarrow = _import_data_extra("pyarrow", path, "Parquet")
     parquet = _import_data_extra("pyarrow.parquet", path, "Parquet")
     rows = 0
     for file in files:
-        try:
-            table = parquet.ParquetFile(file)
-            names = table.schema_arrow.names
-        except (OSError, pyarrow.ArrowException) as error:
-            raise DataError(file, None, f"not a readable Parquet file ({error})") from None
-        batches = table.iter_batches(batch_size=BATCH_ROWS, columns=fields.check_columns(file, names))
-        for first_row, batch in _numbered(batches, file, pyarrow):
-            yield from _rows(file, first_row, batch.to_pydict(), fields)
-            rows += batch.num_rows
+        with _opened(file, opener) as handle:
+            try:
+                table = parquet.ParquetFile(handle)
+                names = table.schema_arrow.names
+            except (OSError, pyarrow.ArrowException) as error:
+                raise DataError(file, None, f"not a readable Parquet file ({error})") from None
+            batches = table.iter_batches(batch_size=BATCH_ROWS, columns=fields.check_columns(file, names))
+            for first_row, batch in _numbered(batches, file, pyarrow):
+                yield from _rows(file, first_row, batch.to_pydict(), fields)
+                rows += batch.num_rows
     if rows == 0:
         raise DataError(path, None, "no records (no rows)")
 
 
-def _read_saved_dataset(path: Path, fields: _Fields) -> Iterator[Record]:
-    datasets = _import_data_extra("datasets", path, "a save_to_disk directory")
+def _read_saved_dataset(path: Path, fields: _Fields, opener: Opener) -> Iterator[Record]:
+    """The rows of the Arrow files state.json lists, in order: what datasets.load_from_disk
+    concatenates (Arrow IPC streams; save_to_disk writes no indices mapping), read through `opener`
+    file by file rather than memory-mapped by datasets, which would open the files itself."""
+    pyarrow = _import_data_extra("pyarrow", path, "a save_to_disk directory")
+    ipc = _import_data_extra("pyarrow.ipc", path, "a save_to_disk directory")
     try:
-        dataset = datasets.load_from_disk(str(path))
+        with _opened(path / SAVE_TO_DISK_MARKER, opener) as handle:
+            names = [entry["filename"] for entry in json.load(handle)["_data_files"]]
+        if not names or not all(isinstance(name, str) for name in names):
+            raise ValueError("no Arrow files listed")
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise DataError(path, None, f"cannot load this save_to_disk directory ({error})") from None
-    if len(dataset) == 0:
+        raise DataError(path, None, f"cannot load this save_to_disk directory ({SAVE_TO_DISK_MARKER}: {error!r})") from None
+    rows = 0
+    for name in names:
+        file = path / name
+        with _opened(file, opener) as handle:
+            try:
+                stream = ipc.open_stream(handle)
+            except (OSError, pyarrow.ArrowException) as error:
+                raise DataError(file, None, f"not a readable Arrow file ({error})") from None
+            wanted = fields.check_columns(path, stream.schema.names)
+            for _, batch in _numbered(stream, file, pyarrow):
+                yield from _rows(path, rows, {column: batch.column(column).to_pylist() for column in wanted}, fields)
+                rows += batch.num_rows
+    if rows == 0:
         raise DataError(path, None, "no records (no rows)")
-    wanted = fields.check_columns(path, list(dataset.column_names))
-    first_row = 0
-    for batch in dataset.select_columns(wanted).iter(batch_size=BATCH_ROWS):
-        yield from _rows(path, first_row, batch, fields)
-        first_row += len(batch[wanted[0]])
+
+
+def _opened(file: Path, opener: Opener):
+    """`opener(file)`, a file that cannot be opened named as DataError."""
+    try:
+        return opener(file)
+    except OSError as error:
+        raise DataError(file, None, f"cannot read: {error.strerror or error}") from None
 
 
 def _numbered(batches, file: Path, pyarrow):
@@ -154,16 +184,16 @@ def _import_data_extra(module: str, path: Path, what: str):
         raise DataError(path, None, f"reading {what} needs the data extra (datasets, pyarrow): {DATA_EXTRA_HINT}") from None
 
 
-def data_digest(path: str | os.PathLike) -> str:
+def data_digest(path: str | os.PathLike, opener: Opener = open_binary) -> str:
     """A short hash of a dataset's bytes (a file, or every file under a directory, with its name),
-    read in chunks: what a resumed run checks its data against."""
+    read in chunks (each file opened with `opener`): what a resumed run checks its data against."""
     path = Path(path)
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         if path.is_dir():
             digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as handle:
+        with opener(file) as handle:
             while chunk := handle.read(1 << 20):
                 digest.update(chunk)
     return digest.hexdigest()[:16]

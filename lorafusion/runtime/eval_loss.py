@@ -18,7 +18,8 @@ import torch
 from lorafusion.modules import multi_lora_batch
 
 from .config import JobSpec
-from .data import DataError, Sample, load_samples
+from .data import DataError, Opener, Sample, load_samples, open_binary
+from .data_sources import data_digest
 from .packing import pack_samples, per_token_loss
 
 # Mixed into the job's seed for the eval_fraction split, so that it is not the permutation of the
@@ -26,15 +27,23 @@ from .packing import pack_samples, per_token_loss
 _SPLIT_SEED_OFFSET = 7_919
 
 
-def job_samples(spec: JobSpec, tokenizer) -> tuple[list[Sample], list[Sample]]:
-    """The job's training and held-out samples (the latter empty without eval_data or eval_fraction).
-    Raises DataError naming the file and record of a bad one, in either file."""
-    samples = load_samples(spec.data, spec.format, tokenizer, spec.max_seq_len, spec.columns)
+def job_samples(spec: JobSpec, tokenizer, opener: Opener = open_binary) -> tuple[list[Sample], list[Sample]]:
+    """The job's training and held-out samples (the latter empty without eval_data or eval_fraction),
+    every file opened with `opener`. Raises DataError naming the file and record of a bad one, in
+    either file."""
+    samples = load_samples(spec.data, spec.format, tokenizer, spec.max_seq_len, spec.columns, opener)
     if spec.eval_data is not None:
-        return samples, load_samples(spec.eval_data, spec.format, tokenizer, spec.max_seq_len, spec.columns)
+        return samples, load_samples(spec.eval_data, spec.format, tokenizer, spec.max_seq_len, spec.columns, opener)
     if spec.eval_fraction is not None:
         return split_off_eval(samples, spec.eval_fraction, spec.seed, spec.data)
     return samples, []
+
+
+def job_data_digest(spec: JobSpec, opener: Opener = open_binary) -> str:
+    """The job's data (and eval_data, which early stopping makes part of its result), hashed: what
+    a resumed run or a restarted service checks them against."""
+    digest = data_digest(spec.data, opener)
+    return digest if spec.eval_data is None else f"{digest}+{data_digest(spec.eval_data, opener)}"
 
 
 def split_off_eval(samples: list[Sample], fraction: float, seed: int, source) -> tuple[list[Sample], list[Sample]]:

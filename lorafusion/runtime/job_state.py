@@ -15,13 +15,7 @@ from lorafusion.config import LoRAConfig
 from .config import JobSpec
 from .config_schema import MAX_SAMPLES_PER_JOB
 from .data import Sample
-from .eval_loss import JobEvaluation, job_samples
-
-
-def load_job_samples(spec: JobSpec, tokenizer) -> list[Sample]:
-    """The job's training samples, tokenized and cut to its max_seq_len, without the share its
-    eval_fraction holds out (raises DataError); eval_loss.job_samples gives both."""
-    return job_samples(spec, tokenizer)[0]
+from .eval_loss import JobEvaluation
 
 
 def job_lora_config(spec: JobSpec, base_model_path: str, backend: str) -> LoRAConfig:

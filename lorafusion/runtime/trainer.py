@@ -36,8 +36,7 @@ from lorafusion.scheduler import Job, Schedule
 from .checkpoints import CheckpointStore
 from .config import TrainConfig
 from .data import DataError
-from .data_sources import data_digest
-from .eval_loss import JobEvaluation, job_samples
+from .eval_loss import JobEvaluation, job_data_digest, job_samples
 from .job_state import JobRun, job_lora_config, lr_lambda, training_order
 from .model import build_base_model
 from .output_dir import (
@@ -202,7 +201,7 @@ class MultiJobTrainer(TrainingLoop):
         pipeline layout; a resumed run with other ones plans again)."""
         return {
             "jobs": {
-                name: {"data": _data_digests(job.spec), "spec": {k: _stable_text(v) for k, v in vars(job.spec).items()}}
+                name: {"data": job_data_digest(job.spec), "spec": {k: _stable_text(v) for k, v in vars(job.spec).items()}}
                 for name, job in self.jobs.items()
             },
             # What the samples and the checkpoints' adapters were made with (all but how activations are kept).
@@ -460,12 +459,6 @@ class MultiJobTrainer(TrainingLoop):
         return TrainResult(
             summaries, microbatches, time.perf_counter() - self._started, interrupted, tokens_this_process, self._resumed
         )
-
-
-def _data_digests(spec) -> str:
-    """The job's data (and eval_data, which early stopping makes part of its result), hashed."""
-    digest = data_digest(spec.data)
-    return digest if spec.eval_data is None else f"{digest}+{data_digest(spec.eval_data)}"
 
 
 def print_summary(result: TrainResult) -> None:

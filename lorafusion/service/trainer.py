@@ -27,8 +27,8 @@ from lorafusion.config import LoRAConfig
 from lorafusion.runtime.checkpoints import CheckpointStore
 from lorafusion.runtime.config import ConfigError, JobSpec
 from lorafusion.runtime.data import DataError, Sample
-from lorafusion.runtime.data_sources import data_digest
-from lorafusion.runtime.job_state import JobRun, job_lora_config, load_job_samples, training_order
+from lorafusion.runtime.eval_loss import job_data_digest, job_samples
+from lorafusion.runtime.job_state import JobRun, job_lora_config, training_order
 from lorafusion.runtime.model import build_base_model
 from lorafusion.runtime.tokenizer import load_tokenizer
 from lorafusion.runtime.trainer import save_inline_base_model
@@ -37,6 +37,7 @@ from lorafusion.runtime.training_loop import TrainingLoop
 from .adapters import add_adapter, remove_adapter, target_problems
 from .admission import WindowAdmission
 from .config import ServerConfig, data_root_problems, parse_job
+from .data_access import RootedOpener
 from .store import DuplicateJob, JobStore
 from .windows import WindowPlanner, following_window, window_of
 
@@ -72,6 +73,7 @@ class ServiceTrainer(TrainingLoop):
         if training.model.path is None:
             save_inline_base_model(training.model, self.tokenizer, server.state_dir, keep_complete=True)
         self.checkpoints = CheckpointStore(server.state_dir)
+        self.open_data = RootedOpener(server.data_roots)  # every read of a job's data: under the roots only
         self.checkpoint_every = training.checkpoint_every
         self.jobs: dict[str, JobRun] = {}
         self.lora_configs: dict[str, LoRAConfig] = {}
@@ -98,8 +100,7 @@ class ServiceTrainer(TrainingLoop):
     def submit(self, entry: object) -> dict:
         """Check a submitted job as far as it can be checked without training it, then record it
         (queued, committed) and wake the trainer. Raises SubmissionError; changes nothing then."""
-        spec, samples = self.validate(entry)
-        digest = data_digest(spec.data)
+        spec, samples, digest = self.validate(entry)
         validated = (entry, spec, samples)
         with self._validated_lock:
             self._validated[spec.name] = validated
@@ -113,10 +114,12 @@ class ServiceTrainer(TrainingLoop):
         self._wake.set()
         return record
 
-    def validate(self, entry: object, new_name: bool = True) -> tuple[JobSpec, list[Sample]]:
-        """The job's spec and samples, or SubmissionError with every problem found: its config
-        (403 for data outside data_roots, checked before anything reads the path), its name
-        (`new_name`: 409 if taken), its targets and rank against the base model, its data."""
+    def validate(self, entry: object, new_name: bool = True) -> tuple[JobSpec, list[Sample], str]:
+        """The job's spec, samples and data digest, or SubmissionError with every problem found: its
+        config (403 for data outside data_roots, checked before anything reads the path), its name
+        (`new_name`: 409 if taken), its targets and rank against the base model, its data (read
+        through self.open_data: a path changed into a link out of the roots since it was checked is
+        refused when it is read)."""
         outside = data_root_problems(entry, self.server.data_roots)
         if outside:  # (or not a mapping at all: a bad request, not a forbidden path)
             raise SubmissionError(outside, status=403 if isinstance(entry, dict) else 400)
@@ -135,8 +138,9 @@ class ServiceTrainer(TrainingLoop):
             if getattr(spec, key, None) is not None
         ]
         try:
-            samples = load_job_samples(spec, self.tokenizer)
+            samples = job_samples(spec, self.tokenizer, self.open_data)[0]
             training_order(len(samples), spec)
+            digest = job_data_digest(spec, self.open_data)
         except (DataError, ValueError) as error:
             problems.append(("data", str(error)))
             samples = []
@@ -149,7 +153,7 @@ class ServiceTrainer(TrainingLoop):
             problems.append(("max_seq_len", f"records {too_long[:5]} are longer than scheduler.capacity={capacity} tokens"))
         if problems:
             raise SubmissionError(problems)
-        return spec, samples
+        return spec, samples, digest
 
     def request_cancel(self, name: str) -> None:
         self.store.request_cancel(name)
@@ -266,8 +270,8 @@ class ServiceTrainer(TrainingLoop):
 
     def _revalidate(self, entry: dict, digest: str) -> tuple[JobSpec, list[Sample]]:
         """An accepted job's spec and samples, read again after a restart."""
-        spec, samples = self.validate(entry, new_name=False)
-        if data_digest(spec.data) != digest:
+        spec, samples, now = self.validate(entry, new_name=False)
+        if now != digest:
             raise SubmissionError([("data", f"{spec.data} changed since the job was accepted")])
         return spec, samples
 

@@ -19,16 +19,16 @@ def test_a_refused_duplicate_never_replaces_the_accepted_job(tmp_path, monkeypat
     try:
         first, second = job_entry(tmp_path, "add", lr=1e-3), job_entry(tmp_path, "add", lr=5e-3)
         both_checked, first_added = threading.Barrier(2, timeout=60), threading.Event()
-        digest, add = trainer_module.data_digest, trainer.store.add
+        digest, add = trainer_module.job_data_digest, trainer.store.add
         calls = []
 
-        def digest_after_both_checks(path):  # each submission calls it once its name is checked free
-            calls.append(path)
+        def digest_after_both_checks(spec, opener):  # each submission calls it once its name is checked free
+            calls.append(spec)
             if len(calls) <= 2:  # the submissions' calls (a third is the admission's revalidation)
                 both_checked.wait()
                 if threading.current_thread().name == "second":
                     assert first_added.wait(60)
-            return digest(path)
+            return digest(spec, opener)
 
         def add_with_admission_between(name, entry, data_digest):
             if entry["lr"] == second["lr"]:
@@ -38,7 +38,7 @@ def test_a_refused_duplicate_never_replaces_the_accepted_job(tmp_path, monkeypat
             first_added.set()
             return record
 
-        monkeypatch.setattr(trainer_module, "data_digest", digest_after_both_checks)
+        monkeypatch.setattr(trainer_module, "job_data_digest", digest_after_both_checks)
         monkeypatch.setattr(trainer.store, "add", add_with_admission_between)
         answers = {}
 

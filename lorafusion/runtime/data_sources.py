@@ -10,7 +10,8 @@ A job's `data` (and `eval_data`) is one of:
 Every file is opened through an `opener` (the service's opens only files under its data roots).
 Parquet and save_to_disk need the `data` extra (pyarrow; datasets writes save_to_disk
 directories), imported only when such a dataset is read. Records are yielded one at a time and
-tokenized as they come, so a dataset is never held in Python objects twice: a 1 GB JSONL is read once, and what stays is its samples.
+tokenized as they come, so a dataset is never held in Python objects twice: a 1 GB JSONL is read
+once, and what stays is its samples.
 
 `columns` maps a format's field names to the dataset's own (`{"prompt": "question"}`); a record's
 fields reach the tokenizer under the format's names, and errors name the dataset's.

@@ -3,6 +3,10 @@ process (a thread trains, the HTTP server answers on a free port) and driven ove
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -109,3 +113,53 @@ class RunningService:
     def __exit__(self, *exc_info) -> None:
         self.service.trainer.stop_requested.set()
         self.thread.join(timeout=60)
+
+
+# ---- `lorafusion serve` as a real subprocess, for kill -9 ----------------------------------------
+
+
+# `lorafusion serve` with each microbatch slowed by DELAY seconds, so that a test can kill it mid-run.
+_SLOWED_SERVE = (
+    "import sys, time\n"
+    "from lorafusion.service.trainer import ServiceTrainer\n"
+    "run_microbatch = ServiceTrainer._run_microbatch\n"
+    "def slowed(self, *args):\n"
+    "    time.sleep(DELAY)\n"
+    "    run_microbatch(self, *args)\n"
+    "ServiceTrainer._run_microbatch = slowed\n"
+    "from lorafusion.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def start_serve(config_path, log_path, microbatch_delay_s: float = 0.0) -> tuple[subprocess.Popen, ServiceClient]:
+    """`lorafusion serve CONFIG` in a subprocess (stderr appended to `log_path`) and its client."""
+    program = ["-c", _SLOWED_SERVE.replace("DELAY", repr(microbatch_delay_s))] if microbatch_delay_s else ["-m", "lorafusion.cli"]
+    process = subprocess.Popen(
+        [sys.executable, *program, "serve", str(config_path), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=open(log_path, "a"), text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    line = process.stdout.readline()
+    assert "listening on" in line, (line, log_path.read_text()[-3000:])
+    return process, ServiceClient(line.split("listening on ")[1].split()[0], timeout_s=60)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def kill_9(process: subprocess.Popen) -> None:
+    """SIGKILL the service; its planner worker must not outlive it."""
+    workers = children(process.pid)
+    assert workers  # the planner worker (started with the service) and multiprocessing's resource tracker
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30, "the planner worker to end")

@@ -30,14 +30,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def job_table(jobs: list[dict]) -> list[str]:
-    rows = [f"{'job':>16}  {'state':>9}  {'step':>11}  {'loss':>8}  {'tokens/s':>8}  {'ETA':>8}  detail"]
+    rows = [f"{'job':>16}  {'state':>9}  {'step':>11}  {'loss':>8}  {'eval_loss':>9}  {'tokens/s':>8}  {'ETA':>8}  detail"]
     for job in jobs:
         steps = f"{job['step']}/{job['num_steps']}" if job["num_steps"] else "-"
         loss = "-" if job["loss"] is None or not math.isfinite(job["loss"]) else f"{job['loss']:.4f}"
+        eval_loss = "-" if job.get("eval_loss") is None or not math.isfinite(job["eval_loss"]) else f"{job['eval_loss']:.4f}"
         rate = "-" if job["tokens_per_s"] is None else f"{job['tokens_per_s']:.0f}"
         eta = "-" if job["eta_s"] is None else _duration(job["eta_s"])
         detail = job["failure"] or job["adapter_dir"] or ("cancel requested" if job["cancel_requested"] else "")
-        rows.append(f"{job['name']:>16}  {job['state']:>9}  {steps:>11}  {loss:>8}  {rate:>8}  {eta:>8}  {detail}")
+        rows.append(f"{job['name']:>16}  {job['state']:>9}  {steps:>11}  {loss:>8}  {eval_loss:>9}  {rate:>8}  {eta:>8}  {detail}")
     return rows
 
 

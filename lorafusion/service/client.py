@@ -98,6 +98,9 @@ class ServiceClient:
     def logs(self, name: str) -> list[dict]:
         return self.request("GET", f"/jobs/{_quoted(name)}/logs", "lines")
 
+    def metrics(self, name: str) -> list[dict]:
+        return self.request("GET", f"/jobs/{_quoted(name)}/metrics", "metrics")
+
 
 def _quoted(name: str) -> str:
     """The name as one path segment: '/', '..', spaces and the like cannot change the endpoint."""

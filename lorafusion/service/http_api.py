@@ -6,6 +6,8 @@
     GET  /jobs/NAME            -> 200 {"job": JOB}
     POST /jobs/NAME/cancel     -> 200 {"job": JOB} once the trainer has stopped it
     GET  /jobs/NAME/logs       -> 200 {"name": NAME, "lines": [{"at": UNIX_TIME, "line": TEXT}, ...]}
+    GET  /jobs/NAME/metrics    -> 200 {"name": NAME, "metrics": [{"step", "at", "loss", "tokens", "lr",
+                               "tokens_per_s", "eval_loss" (evaluated steps only)}, ...]}
 
 Errors: {"error": ONE_LINE, "problems": [{"key": KEY_PATH, "reason": TEXT}, ...]} with 400 (the
 job does not validate: every problem at once; a body that is not JSON or whose Content-Length is
@@ -38,7 +40,7 @@ from .trainer import ServiceTrainer, SubmissionError
 MAX_BODY_BYTES = 1 << 20
 REQUEST_TIMEOUT_S = 30.0
 CANCEL_WAIT_S = 60.0
-_JOB_PATH = re.compile(r"/jobs/([A-Za-z0-9_-]+)(/cancel|/logs)?")
+_JOB_PATH = re.compile(r"/jobs/([A-Za-z0-9_-]+)(/cancel|/logs|/metrics)?")
 
 
 class ApiError(Exception):
@@ -183,6 +185,8 @@ class _Handler(BaseHTTPRequestHandler):
             return HTTPStatus.OK, {"job": job}
         if action == "/logs":
             return HTTPStatus.OK, {"name": name, "lines": store.logs(name)}
+        if action == "/metrics":
+            return HTTPStatus.OK, {"name": name, "metrics": store.metrics(name)}
         raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"use POST for {path}")
 
     def _post(self, path: str) -> tuple[int, dict]:

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     tokens_per_s REAL,
     failure TEXT,
     adapter_dir TEXT,
-    windows_waited INTEGER NOT NULL DEFAULT 0  -- planning windows in a row left out (admission.py)
+    windows_waited INTEGER NOT NULL DEFAULT 0,  -- planning windows in a row left out (admission.py)
+    eval_loss REAL                 -- at its latest eval (eval_data or eval_fraction)
 );
 CREATE TABLE IF NOT EXISTS logs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -44,11 +45,22 @@ CREATE TABLE IF NOT EXISTS logs (
     line TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_by_job ON logs (name, seq);
+CREATE TABLE IF NOT EXISTS metrics (   -- one row per optimizer step, as lorafusion train's metrics.jsonl
+    name TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    at REAL NOT NULL,
+    loss REAL,
+    tokens INTEGER NOT NULL,       -- of this step's global batch
+    lr REAL,
+    tokens_per_s REAL,
+    eval_loss REAL,                -- where the step was evaluated
+    PRIMARY KEY (name, step)       -- a step redone after a restart replaces its row
+);
 """
 
 _PUBLIC_FIELDS = (
     "name", "state", "submitted_at", "started_at", "ended_at", "step", "num_steps", "loss", "tokens",
-    "tokens_per_s", "failure", "adapter_dir", "cancel_requested",
+    "tokens_per_s", "eval_loss", "failure", "adapter_dir", "cancel_requested",
 )
 
 
@@ -69,6 +81,8 @@ class JobStore:
         columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "windows_waited" not in columns:  # a state directory from before admission
             self._db.execute("ALTER TABLE jobs ADD COLUMN windows_waited INTEGER NOT NULL DEFAULT 0")
+        if "eval_loss" not in columns:  # ... from before the service evaluated
+            self._db.execute("ALTER TABLE jobs ADD COLUMN eval_loss REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -135,11 +149,21 @@ class JobStore:
             (time.time(), num_steps, step, name),
         )
 
-    def progress(self, name: str, step: int, loss: float, tokens: int, tokens_per_s: float) -> None:
+    def progress(self, name: str, step: int, loss: float, tokens: int, tokens_per_s: float,
+                 batch_tokens: int, lr: float, eval_loss: float | None = None) -> None:  # fmt: skip
+        """A job's optimizer step (`tokens`: all it has trained; `batch_tokens`: this step's) and its
+        metrics row; `eval_loss` where the step was evaluated (the job keeps its last one)."""
         self._write(
-            "UPDATE jobs SET step = ?, loss = ?, tokens = ?, tokens_per_s = ? WHERE name = ?",
-            (step, loss, tokens, tokens_per_s, name),
+            "UPDATE jobs SET step = ?, loss = ?, tokens = ?, tokens_per_s = ?, eval_loss = COALESCE(?, eval_loss) WHERE name = ?",
+            (step, loss, tokens, tokens_per_s, eval_loss, name),
+            ("INSERT OR REPLACE INTO metrics (name, step, at, loss, tokens, lr, tokens_per_s, eval_loss) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             (name, step, time.time(), loss, batch_tokens, lr, tokens_per_s, eval_loss)),
         )
+
+    def metrics(self, name: str) -> list[dict]:
+        """The job's metrics rows by step ("eval_loss" only where it was evaluated)."""
+        rows = self._read("SELECT step, at, loss, tokens, lr, tokens_per_s, eval_loss FROM metrics WHERE name = ? ORDER BY step", (name,))
+        return [{key: row[key] for key in row.keys() if key != "eval_loss" or row[key] is not None} for row in rows]
 
     def ended(self, name: str, state: str, failure: str | None = None, adapter_dir: str | None = None) -> None:
         self._write(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from lorafusion.config import LoRAConfig
 from lorafusion.runtime.checkpoints import CheckpointStore
 from lorafusion.runtime.config import ConfigError, JobSpec
 from lorafusion.runtime.data import DataError, Sample
-from lorafusion.runtime.eval_loss import job_data_digest, job_samples
+from lorafusion.runtime.eval_loss import JobEvaluation, job_data_digest, job_samples
 from lorafusion.runtime.job_state import JobRun, job_lora_config, training_order
 from lorafusion.runtime.model import build_base_model
 from lorafusion.runtime.tokenizer import load_tokenizer
@@ -42,8 +43,6 @@ from .store import DuplicateJob, JobStore
 from .windows import WindowPlanner, following_window, window_of
 
 ADAPTERS_DIR = "adapters"
-# Evaluation and early stopping belong to the offline trainer's end of run; the service would ignore them.
-UNSUPPORTED_JOB_KEYS = ("eval_data", "eval_fraction", "eval_every", "early_stopping_patience")
 
 
 class SubmissionError(Exception):
@@ -52,6 +51,17 @@ class SubmissionError(Exception):
     def __init__(self, problems: list[tuple[str, str]], status: int = 400):
         self.problems, self.status = problems, status
         super().__init__("; ".join(f"{key}: {reason}" for key, reason in problems))
+
+
+@dataclass(frozen=True)
+class CheckedJob:
+    """A submission that passed every check: its spec, its training and held-out samples (eval_data
+    or eval_fraction's share), and the digest of its data."""
+
+    spec: JobSpec
+    samples: list[Sample]
+    eval_samples: list[Sample]
+    digest: str
 
 
 class ServiceTrainer(TrainingLoop):
@@ -78,9 +88,9 @@ class ServiceTrainer(TrainingLoop):
         self.jobs: dict[str, JobRun] = {}
         self.lora_configs: dict[str, LoRAConfig] = {}
         self._started_at: dict[str, tuple[float, int]] = {}  # time and tokens_seen at its first window here
-        # By submit, for admission: (the entry, its spec and samples). A refused duplicate may have
-        # replaced the accepted entry's meanwhile, so admission takes one only if it is the stored entry.
-        self._validated: dict[str, tuple[object, JobSpec, list[Sample]]] = {}
+        # By submit, for admission: (the entry, its check). A refused duplicate may have replaced the
+        # accepted entry's meanwhile, so admission takes one only if it is the stored entry.
+        self._validated: dict[str, tuple[object, CheckedJob]] = {}
         self._validated_lock = threading.Lock()
         self._model_lock = threading.Lock()  # the model's layers change when an adapter goes on
         self._wake = threading.Event()  # a job was submitted or a cancel requested
@@ -100,26 +110,27 @@ class ServiceTrainer(TrainingLoop):
     def submit(self, entry: object) -> dict:
         """Check a submitted job as far as it can be checked without training it, then record it
         (queued, committed) and wake the trainer. Raises SubmissionError; changes nothing then."""
-        spec, samples, digest = self.validate(entry)
-        validated = (entry, spec, samples)
+        checked = self.validate(entry)
+        name = checked.spec.name
+        validated = (entry, checked)
         with self._validated_lock:
-            self._validated[spec.name] = validated
+            self._validated[name] = validated
         try:
-            record = self.store.add(spec.name, entry, digest)
+            record = self.store.add(name, entry, checked.digest)
         except DuplicateJob:
             with self._validated_lock:
-                if self._validated.get(spec.name) is validated:
-                    del self._validated[spec.name]
-            raise SubmissionError([("name", f"a job named {spec.name!r} was already submitted")], status=409) from None
+                if self._validated.get(name) is validated:
+                    del self._validated[name]
+            raise SubmissionError([("name", f"a job named {name!r} was already submitted")], status=409) from None
         self._wake.set()
         return record
 
-    def validate(self, entry: object, new_name: bool = True) -> tuple[JobSpec, list[Sample], str]:
+    def validate(self, entry: object, new_name: bool = True) -> CheckedJob:
         """The job's spec, samples and data digest, or SubmissionError with every problem found: its
-        config (403 for data outside data_roots, checked before anything reads the path), its name
-        (`new_name`: 409 if taken), its targets and rank against the base model, its data (read
-        through self.open_data: a path changed into a link out of the roots since it was checked is
-        refused when it is read)."""
+        config (403 for data or eval_data outside data_roots, checked before anything reads the
+        path), its name (`new_name`: 409 if taken), its targets and rank against the base model, its
+        data and eval_data (read through self.open_data: a path changed into a link out of the roots
+        since it was checked is refused when it is read)."""
         outside = data_root_problems(entry, self.server.data_roots)
         if outside:  # (or not a mapping at all: a bad request, not a forbidden path)
             raise SubmissionError(outside, status=403 if isinstance(entry, dict) else 400)
@@ -132,28 +143,27 @@ class ServiceTrainer(TrainingLoop):
         problems = []
         with self._model_lock:
             problems += target_problems(self.model, self.lora_config(spec))
-        problems += [
-            (key, "not supported by lorafusion serve yet (train the job with lorafusion train)")
-            for key in UNSUPPORTED_JOB_KEYS
-            if getattr(spec, key, None) is not None
-        ]
+        samples = eval_samples = []
         try:
-            samples = job_samples(spec, self.tokenizer, self.open_data)[0]
+            samples, eval_samples = job_samples(spec, self.tokenizer, self.open_data)
             training_order(len(samples), spec)
             digest = job_data_digest(spec, self.open_data)
-        except (DataError, ValueError) as error:
+        except DataError as error:
+            problems.append((_data_key(spec, error.path), str(error)))
+        except ValueError as error:
             problems.append(("data", str(error)))
-            samples = []
         except OSError as error:  # unreadable (permissions, a directory where a file was expected, ...)
-            problems.append(("data", f"cannot read {spec.data}: {error.strerror or error}"))
-            samples = []
+            key = _data_key(spec, error.filename)
+            problems.append((key, f"cannot read {getattr(spec, key)}: {error.strerror or error}"))
         capacity = self.server.training.scheduler.capacity
-        too_long = [s.record for s in samples if len(s.input_ids) > capacity]
-        if too_long:
-            problems.append(("max_seq_len", f"records {too_long[:5]} are longer than scheduler.capacity={capacity} tokens"))
+        for key, read in (("data", samples), ("eval_data", eval_samples)):
+            too_long = [s.record for s in read if len(s.input_ids) > capacity]
+            if too_long:
+                where = "" if key == "data" else f" of eval_data {spec.eval_data}"
+                problems.append(("max_seq_len", f"records {too_long[:5]}{where} are longer than scheduler.capacity={capacity} tokens"))
         if problems:
             raise SubmissionError(problems)
-        return spec, samples, digest
+        return CheckedJob(spec, samples, eval_samples, digest)
 
     def request_cancel(self, name: str) -> None:
         self.store.request_cancel(name)
@@ -228,8 +238,11 @@ class ServiceTrainer(TrainingLoop):
         self.store.log(job.name, f"training: {job.num_steps} steps of {job.spec.global_batch_size} samples")
 
     def _stopped_in(self, window) -> int:
-        """How many of the window's jobs have stopped (failed, cancelled) before its end."""
-        return sum(self.jobs[w.name].status in ("failed", "cancelled") for w in window if w.name in self.jobs)
+        """How many of the window's jobs have stopped (failed, cancelled, stopped early) before its end."""
+        return sum(
+            self.jobs[w.name].status in ("failed", "cancelled") or self.jobs[w.name].stopped_early
+            for w in window if w.name in self.jobs
+        )
 
     def _admit_and_cancel(self) -> None:
         self._wake.clear()
@@ -247,13 +260,16 @@ class ServiceTrainer(TrainingLoop):
         """Put the job's adapter on the model and prepare it; after a restart, continue it from its
         newest checkpoint. A job whose data changed since it was accepted fails."""
         with self._validated_lock:
-            submitted, *validated = self._validated.pop(name, (None,))
+            submitted, checked = self._validated.pop(name, (None, None))
         try:
-            spec, samples = validated if submitted == entry else self._revalidate(entry, digest)
+            checked = checked if submitted == entry else self._revalidate(entry, digest)
         except SubmissionError as error:
             self._end(name, "failed", str(error))
             return
-        job = JobRun(spec, samples=samples)
+        spec = checked.spec
+        job = JobRun(spec, samples=checked.samples)
+        if checked.eval_samples:  # scored as `lorafusion train` scores them (eval_loss.py)
+            job.evaluation = JobEvaluation(spec, checked.eval_samples, self.server.training.scheduler.capacity)
         config = self.lora_config(spec)
         with self._model_lock:
             add_adapter(self.model, name, config, spec.seed)
@@ -268,12 +284,14 @@ class ServiceTrainer(TrainingLoop):
         if job.status == "finished":  # killed between its last checkpoint and its adapter
             self.publish_adapter(job)
 
-    def _revalidate(self, entry: dict, digest: str) -> tuple[JobSpec, list[Sample]]:
-        """An accepted job's spec and samples, read again after a restart."""
-        spec, samples, now = self.validate(entry, new_name=False)
-        if now != digest:
-            raise SubmissionError([("data", f"{spec.data} changed since the job was accepted")])
-        return spec, samples
+    def _revalidate(self, entry: dict, digest: str) -> CheckedJob:
+        """An accepted job's check, its data read again after a restart."""
+        checked = self.validate(entry, new_name=False)
+        if checked.digest != digest:
+            spec = checked.spec
+            changed = spec.data if spec.eval_data is None else f"{spec.data} or {spec.eval_data}"
+            raise SubmissionError([("data", f"{changed} changed since the job was accepted")])
+        return checked
 
     def _cancel(self, job: JobRun) -> None:
         """Stop the job where it is: its checkpoint at its last completed step, loadable as any."""
@@ -303,8 +321,13 @@ class ServiceTrainer(TrainingLoop):
         started, tokens = self._started_at[job.name]
         elapsed = time.perf_counter() - started
         rate = (job.tokens_seen - tokens) / elapsed if elapsed > 0 else 0.0
-        self.store.progress(job.name, job.step, job.batch_loss, job.tokens_seen, rate)
-        self.store.log(job.name, f"step {job.step}/{job.num_steps} loss {job.batch_loss:.4f} tokens {job.batch_tokens} tokens/s {rate:.0f}")
+        evaluated = job.step_eval_loss
+        lr = job.lr_scheduler.get_last_lr()[0]
+        self.store.progress(job.name, job.step, job.batch_loss, job.tokens_seen, rate, job.batch_tokens, lr, evaluated)
+        eval_part = "" if evaluated is None else f" eval_loss {evaluated:.6f}"
+        self.store.log(job.name, f"step {job.step}/{job.num_steps} loss {job.batch_loss:.4f}{eval_part} tokens {job.batch_tokens} tokens/s {rate:.0f}")
+        if job.stopped_early:
+            self.store.log(job.name, f"stopped early at step {job.step}: no better eval loss in {job.evaluation.patience} evals")
 
     def _write_status(self, job: JobRun) -> None:
         if job.status == "failed":
@@ -313,5 +336,15 @@ class ServiceTrainer(TrainingLoop):
     def publish_adapter(self, job: JobRun) -> Path:
         target = self.server.state_dir / ADAPTERS_DIR / job.name
         self.checkpoints.publish_adapter(job, self.lora_configs[job.name].to_peft_dict(), target)
+        evaluation = job.evaluation
+        if evaluation is not None and evaluation.patience is not None:  # early stopping publishes its best eval's
+            self.store.log(job.name, f"the adapter is that of its best eval: step {evaluation.best_step}, eval_loss {evaluation.best_loss:.6f}")
         self._end(job.name, "finished", adapter_dir=str(target))
         return target
+
+
+def _data_key(spec: JobSpec, path) -> str:
+    """The job key a read problem belongs to: eval_data if `path` is (or lies in) it, else data."""
+    if spec.eval_data is not None and path is not None and Path(path).is_relative_to(spec.eval_data):
+        return "eval_data"
+    return "data"

@@ -5,57 +5,23 @@ training it alone). A real subprocess, killed with SIGKILL."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
-from lorafusion.service.client import ServiceClient
 from service_fixtures import (
     RunningService,
     alone_adapter,
     assert_adapters_close,
     job_entry,
+    kill_9,
     server_dict,
     service_adapter,
+    start_serve,
     wait_for,
 )
-
-
-def start_serve(config_path, log_path) -> tuple[subprocess.Popen, ServiceClient]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lorafusion.cli", "serve", str(config_path), "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=open(log_path, "a"), text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    line = process.stdout.readline()
-    assert "listening on" in line, (line, log_path.read_text()[-3000:])
-    return process, ServiceClient(line.split("listening on ")[1].split()[0], timeout_s=60)
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
-def kill_9(process: subprocess.Popen) -> None:
-    """SIGKILL the service; its planner worker must not outlive it."""
-    workers = children(process.pid)
-    assert workers  # the planner worker (started with the service) and multiprocessing's resource tracker
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30, "the planner worker to end")
 
 
 def test_kill_9_and_restart_loses_nothing(tmp_path):

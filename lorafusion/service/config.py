@@ -34,6 +34,7 @@ from lorafusion.runtime.data_sources import SAVE_TO_DISK_MARKER
 from lorafusion.scheduler.admission import DEFAULT_MAX_WAIT_WINDOWS
 
 from .admission import ADMISSIONS
+from .data_access import RootedOpener
 from lorafusion.safe_yaml import YAMLInputError, load_yaml
 
 from .client import DEFAULT_PORT, TOKEN_ENV
@@ -210,9 +211,9 @@ def _ways_out(value: str, directory: Path, roots: tuple[Path, ...]) -> list[str]
     for parent, dirs, files in os.walk(directory):  # links to directories are listed, not entered
         found += [f"{value} holds {Path(value) / Path(parent, name).relative_to(directory)}"
                   for name in sorted(dirs + files) if outside(Path(parent, name))]
-    try:
-        state = json.loads((directory / SAVE_TO_DISK_MARKER).read_text(encoding="utf-8"))
-        names = [entry["filename"] for entry in state["_data_files"]]
+    try:  # (read only where it lies under the roots: a link to a file outside is reported above)
+        with RootedOpener(roots)(directory / SAVE_TO_DISK_MARKER) as handle:
+            names = [entry["filename"] for entry in json.load(handle)["_data_files"]]
     except (OSError, ValueError, TypeError, KeyError):  # none, or not one datasets reads: the reader says so
         names = []
     found += [f"{value}/{SAVE_TO_DISK_MARKER} names {name}" for name in names if isinstance(name, str) and outside(directory / name)]

@@ -76,7 +76,7 @@ def test_only_regular_files_are_read(tree: Path) -> None:
         RootedOpener(((tree / "data").resolve(),))(tree / "data" / "fifo.jsonl")
 
 
-@pytest.mark.parametrize("dataset", ["jsonl", "parquet directory"])
+@pytest.mark.parametrize("dataset", ["jsonl", "parquet directory", "eval_data"])
 def test_a_submission_whose_data_is_swapped_for_a_link_after_its_check_is_refused(tmp_path, monkeypatch, dataset) -> None:
     """The service checks a submitted job's paths, then parses the job, then reads its data: the
     data swapped for a link out of the roots in between (here: while the job is parsed) is refused
@@ -86,8 +86,12 @@ def test_a_submission_whose_data_is_swapped_for_a_link_after_its_check_is_refuse
     entry = job_entry(tmp_path, "add")
     outside = tmp_path / "outside"
     outside.mkdir()
-    if dataset == "jsonl":
+    if dataset in ("jsonl", "eval_data"):
         data = Path(entry["data"])
+        if dataset == "eval_data":
+            data = data.with_name("held_out.jsonl")
+            shutil.copy(entry["data"], data)
+            entry = {**entry, "eval_data": str(data), "eval_every": 1}
         shutil.copy(data, outside / data.name)
         swapped, target = data, outside / data.name
     else:
@@ -112,7 +116,7 @@ def test_a_submission_whose_data_is_swapped_for_a_link_after_its_check_is_refuse
         with pytest.raises(ServiceError) as refused:
             service.client.submit(entry)
         assert refused.value.problems == [{
-            "key": "data",
+            "key": "eval_data" if dataset == "eval_data" else "data",
             "reason": f"{swapped}: resolves to {target.resolve()} when read, outside the server's data_roots "
                       f"({(tmp_path / 'data').resolve()}); it was changed after it was checked",
         }], refused.value.problems

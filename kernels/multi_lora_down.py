@@ -10,7 +10,7 @@ import torch
 
 from .lora_down import down_footprint
 from .segments import SegmentMeta, segment_block
-from .utils import autotune_configs, dot_precision, keep_factor, prune_by_footprint, rank_block, tile_dot, triton, tl, upcast_dots
+from .utils import autotune_configs, dot_precision, keyed_keep_factor, prune_by_footprint, rank_block, tile_dot, triton, tl, upcast_dots
 
 
 def _configs():
@@ -34,6 +34,7 @@ def _configs():
 def _multi_lora_down_kernel(
     x_ptr, a_ptr, s_ptr,
     block_adapter_ptr, block_start_ptr, block_end_ptr, rank_ptr, rank_offset_ptr, dropout_p_ptr,
+    dropout_position_ptr, dropout_key_ptr,
     K, S_COLS,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     seed,
@@ -49,6 +50,10 @@ def _multi_lora_down_kernel(
         block, block_adapter_ptr, block_start_ptr, block_end_ptr, rank_ptr, rank_offset_ptr, BLOCK_M, BLOCK_R
     )
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if HAS_DROPOUT:
+        dropout_p = tl.load(dropout_p_ptr + adapter)
+        positions = tl.load(dropout_position_ptr + rows, mask=row_ok, other=0)
+        keys = tl.load(dropout_key_ptr + rows, mask=row_ok, other=0)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         col_ok = cols < K
@@ -60,7 +65,7 @@ def _multi_lora_down_kernel(
         if UPCAST:
             x = x.to(tl.float32)
         if HAS_DROPOUT:
-            x = x * keep_factor(seed, rows, k0, K, tl.load(dropout_p_ptr + adapter), BLOCK_K).to(x.dtype)
+            x = x * keyed_keep_factor(seed, positions, keys, k0, K, dropout_p, BLOCK_K).to(x.dtype)
         a_t = tl.load(
             a_ptr + adapter_rows[None, :] * stride_ar + cols[:, None] * stride_ak,
             mask=rank_ok[None, :] & col_ok[:, None],
@@ -68,7 +73,7 @@ def _multi_lora_down_kernel(
         )
         acc = tile_dot(x, a_t, acc, UPCAST, PRECISION)
     if HAS_DROPOUT:
-        acc = acc * (1.0 / (1.0 - tl.load(dropout_p_ptr + adapter)))
+        acc = acc * (1.0 / (1.0 - dropout_p))
     tl.store(
         s_ptr + rows[:, None] * stride_sm + ranks[None, :] * stride_sr,
         acc.to(s_ptr.dtype.element_ty),
@@ -87,6 +92,7 @@ def multi_lora_down(x: torch.Tensor, lora_A_cat: torch.Tensor, meta: SegmentMeta
         x, lora_A_cat, s,
         meta.block_adapter, meta.block_start, meta.block_end,
         meta.adapter_rank, meta.adapter_rank_offset, meta.adapter_dropout_p,
+        meta.dropout_position, meta.dropout_key,
         K, meta.max_rank,
         x.stride(0), x.stride(1), lora_A_cat.stride(0), lora_A_cat.stride(1), s.stride(0), s.stride(1),
         seed,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .segments import SegmentMeta, segment_block
-from .utils import autotune_configs, dot_precision, keep_factor, prune_by_footprint, rank_block, tile_dot, triton, tl, upcast_dots
+from .utils import autotune_configs, dot_precision, keyed_keep_factor, prune_by_footprint, rank_block, tile_dot, triton, tl, upcast_dots
 
 
 def _configs():
@@ -39,6 +39,7 @@ def _footprint(config, element_bytes, BLOCK_R, BLOCK_M, HAS_DROPOUT, WRITE_DX, *
 def _multi_lora_dx_da_kernel(
     ds_ptr, a_ptr, x_ptr, dx_ptr, da_ptr,
     block_adapter_ptr, block_start_ptr, block_end_ptr, rank_ptr, rank_offset_ptr, dropout_p_ptr,
+    dropout_position_ptr, dropout_key_ptr,
     K,
     stride_dsm, stride_dsr, stride_ar, stride_ak, stride_xm, stride_xk, stride_dxm, stride_dxk,
     seed,
@@ -71,7 +72,9 @@ def _multi_lora_dx_da_kernel(
         dropout_p = tl.load(dropout_p_ptr + adapter)
         # A 0/1 tile, not an i1 one: it is used in two layouts (a dot operand and the dX
         # accumulator) and shared memory cannot hold 1-bit elements (see utils.keep_factor).
-        keep = keep_factor(seed, rows, col_start, K, dropout_p, BLOCK_K)
+        positions = tl.load(dropout_position_ptr + rows, mask=row_ok, other=0)
+        keys = tl.load(dropout_key_ptr + rows, mask=row_ok, other=0)
+        keep = keyed_keep_factor(seed, positions, keys, col_start, K, dropout_p, BLOCK_K)
         x = x * keep.to(x.dtype)
     da = tile_dot(tl.trans(ds), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), UPCAST, PRECISION)
     if HAS_DROPOUT:
@@ -118,6 +121,7 @@ def multi_lora_dx_da(
         ds, lora_A_cat, x, dx, da,
         meta.block_adapter, meta.block_start, meta.block_end,
         meta.adapter_rank, meta.adapter_rank_offset, meta.adapter_dropout_p,
+        meta.dropout_position, meta.dropout_key,
         K,
         ds.stride(0), ds.stride(1), lora_A_cat.stride(0), lora_A_cat.stride(1), x.stride(0), x.stride(1),
         dx.stride(0), dx.stride(1),

@@ -36,7 +36,7 @@ class _TorchMultiOps:
         if not meta.has_dropout:
             return None
         row_p = meta.row_dropout_p(x.device)[:, None]
-        keep = torch_keep_mask(seed, tuple(x.shape), row_p, x.device)
+        keep = torch_keep_mask(seed, tuple(x.shape), row_p, x.device, meta.dropout_position, meta.dropout_key)
         return (keep / (1.0 - row_p)).to(x.dtype)
 
     @staticmethod

@@ -28,11 +28,16 @@ def _mul_hi_lo(a: torch.Tensor, constant: int) -> tuple[torch.Tensor, torch.Tens
     return (high_half + (low_half >> 16)) >> 16, (((high_half & 0xFFFF) << 16) + low_half) & _WORD
 
 
-def philox_words(seed: int, counters: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def philox_words(seed: int, counters: torch.Tensor, keys: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """The four output words of Philox-4x32-10 with key (seed_lo, seed_hi) and counter
-    (counter_lo, counter_hi, 0, 0), as Triton's tl.randint4x computes them for int64 offsets."""
+    (counter_lo, counter_hi, key_lo, key_hi), int64 counters and keys broadcasting together, as
+    Triton's tl.philox computes them (with keys None: 0, tl.randint4x's counter for int64 offsets)."""
     c0, c1 = counters & _WORD, (counters >> 32) & _WORD
-    c2 = c3 = torch.zeros_like(counters)
+    if keys is None:
+        c2 = c3 = torch.zeros_like(counters)
+    else:
+        c0, c1, keys = torch.broadcast_tensors(c0, c1, keys)
+        c2, c3 = keys & _WORD, (keys >> 32) & _WORD
     k0, k1 = seed & _WORD, (seed >> 32) & _WORD
     for _ in range(10):
         hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
@@ -49,22 +54,33 @@ def _uniform(words: torch.Tensor) -> torch.Tensor:
 
 
 def torch_keep_mask(
-    seed: int, shape: tuple[int, ...], dropout_p: float | torch.Tensor, device: torch.device
+    seed: int,
+    shape: tuple[int, ...],
+    dropout_p: float | torch.Tensor,
+    device: torch.device,
+    row_positions: torch.Tensor | None = None,
+    row_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dropout keep-mask over X viewed as [rows, cols], regenerated from a seed rather than stored.
 
-    Bit for bit the Triton kernels' mask (kernels/utils.keep_mask) and the CUDA backend's: element
-    (row, col) keeps when word col % 4 of Philox at counter row * ceil(cols / 4) + col // 4, as a
-    uniform in [0, 1), is >= p, so every backend draws the same dropout. dropout_p may be a tensor
-    broadcasting against shape (a probability per row, for multi-adapter batches).
+    Bit for bit the Triton kernels' mask (kernels/utils.keyed_keep_mask) and the CUDA backend's:
+    element (row, col) keeps when word col % 4 of Philox with key `seed` and counter
+    (position * ceil(cols / 4) + col // 4, key), as a uniform in [0, 1), is >= p, so every backend
+    draws the same dropout. A row's position and key are row_positions[row] and row_keys[row]
+    (int64 [rows]; by default the row index and 0): rows named by (sample, token) keep their mask
+    wherever the sample is packed. dropout_p may be a tensor broadcasting against shape (a
+    probability per row, for multi-adapter batches).
     """
     rows = 1
     for size in shape[:-1]:
         rows *= size
     cols = shape[-1]
     quads = (cols + 3) // 4
-    counters = torch.arange(rows * quads, dtype=torch.int64, device=device)
-    uniforms = torch.stack([_uniform(word) for word in philox_words(int(seed), counters)], dim=-1)
+    if row_positions is None:
+        row_positions = torch.arange(rows, dtype=torch.int64, device=device)
+    counters = row_positions.to(device=device, dtype=torch.int64)[:, None] * quads + torch.arange(quads, device=device)
+    keys = None if row_keys is None else row_keys.to(device=device, dtype=torch.int64)[:, None]
+    uniforms = torch.stack([_uniform(word) for word in philox_words(int(seed), counters, keys)], dim=-1)
     uniforms = uniforms.view(rows, quads * 4)[:, :cols].reshape(shape)
     if torch.is_tensor(dropout_p):
         dropout_p = dropout_p.to(torch.float32)

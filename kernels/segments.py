@@ -43,6 +43,10 @@ class SegmentMeta:
     adapter_scaling: torch.Tensor  # fp32 [num_adapters]
     adapter_dropout_p: torch.Tensor  # fp32 [num_adapters]
     block_m: int
+    # Per token, what names its dropout mask (utils.keyed_keep_mask): its position and key, int64
+    # [num_tokens] (empty without dropout). By default the row index and 0.
+    dropout_position: torch.Tensor
+    dropout_key: torch.Tensor
 
     @property
     def num_adapters(self) -> int:
@@ -88,12 +92,16 @@ def build_segment_meta(
     dropout_ps: tuple[float, ...] | list[float],
     device: torch.device | str,
     block_m: int = SEGMENT_BLOCK_M,
+    dropout_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SegmentMeta:
     """Segment i has segment_lengths[i] consecutive tokens trained by adapter segment_adapters[i];
     adapter a has rank ranks[a], scaling scalings[a] and dropout probability dropout_ps[a].
 
     An adapter of rank 0 adds nothing: its tokens get the base layer's output alone (a job whose
-    adapter does not target this layer)."""
+    adapter does not target this layer). dropout_rows: (positions, keys), int64 [tokens] on
+    `device`, naming each token's dropout mask (see utils.keyed_keep_mask): a packed sample whose
+    tokens are named by its own key and their positions in it draws the same masks wherever it
+    is packed. By default a token is named by its row."""
     if block_m < 1:
         raise ValueError(f"block_m must be >= 1, got {block_m}")
     num_adapters = len(ranks)
@@ -129,6 +137,7 @@ def build_segment_meta(
         start += length
 
     device = torch.device(device)
+    dropout_position, dropout_key = _dropout_rows(dropout_rows, start, any(p > 0.0 for p in dropout_ps), device)
     int_tables = [[b[0] for b in blocks], [b[1] for b in blocks], [b[2] for b in blocks], list(ranks), rank_offsets]
     block_adapter, block_start, block_end, adapter_rank, adapter_rank_offset = _to_device(int_tables, torch.int32, device)
     adapter_scaling, adapter_dropout_p = _to_device([list(scalings), list(dropout_ps)], torch.float32, device)
@@ -147,7 +156,45 @@ def build_segment_meta(
         adapter_scaling=adapter_scaling,
         adapter_dropout_p=adapter_dropout_p,
         block_m=block_m,
+        dropout_position=dropout_position,
+        dropout_key=dropout_key,
     )
+
+
+def sample_dropout_rows(
+    sample_keys: list[int], sample_lengths: list[int], device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """build_segment_meta's dropout_rows for consecutive samples: each token named by its sample's
+    key and its position in the sample. Copied to the device as _to_device copies (no wait)."""
+    if len(sample_keys) != len(sample_lengths):
+        raise ValueError(f"sample_keys and sample_lengths must have the same length, got {len(sample_keys)} and {len(sample_lengths)}")
+    lengths = torch.tensor(sample_lengths, dtype=torch.int64)
+    starts = torch.cumsum(lengths, 0) - lengths
+    total = int(lengths.sum())
+    positions = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(starts, lengths)
+    keys = torch.repeat_interleave(torch.tensor(sample_keys, dtype=torch.int64), lengths)
+    both = torch.cat([positions, keys])
+    device = torch.device(device)
+    both = both.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else both.to(device)
+    return both[:total], both[total:]
+
+
+def _dropout_rows(
+    dropout_rows: tuple[torch.Tensor, torch.Tensor] | None, num_tokens: int, has_dropout: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if dropout_rows is None:
+        if not has_dropout:
+            empty = torch.empty(0, dtype=torch.int64, device=device)
+            return empty, empty
+        return torch.arange(num_tokens, dtype=torch.int64, device=device), torch.zeros(num_tokens, dtype=torch.int64, device=device)
+    positions, keys = dropout_rows
+    for name, table in (("positions", positions), ("keys", keys)):
+        if table.dtype != torch.int64 or tuple(table.shape) != (num_tokens,) or table.device != device:
+            raise ValueError(
+                f"dropout_rows {name} must be int64 [{num_tokens}] on {device}, got {table.dtype} "
+                f"{list(table.shape)} on {table.device}"
+            )
+    return positions, keys
 
 
 if triton is not None:

@@ -119,24 +119,44 @@ def m_bucket(num_rows: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def keep_mask(seed, rows, col_start, num_cols, dropout_p, BLOCK_K: tl.constexpr):
+    def keyed_keep_mask(seed, positions, keys, col_start, num_cols, dropout_p, BLOCK_K: tl.constexpr):
         """Dropout keep-mask of the [rows, col_start + arange(BLOCK_K)] tile of a row-major
-        [*, num_cols] matrix (col_start and BLOCK_K multiples of 4).
+        [*, num_cols] matrix whose rows are named by (key, position) (col_start and BLOCK_K
+        multiples of 4; positions and keys: int64 [rows]).
 
-        Element (row, col) keeps when word col % 4 of Philox-4x32-10 at counter
-        row * ceil(num_cols / 4) + col // 4 (int64), as a uniform in [0, 1), is >= p: one Philox
-        call yields four elements. The mask is a function of the element's logical position, so
-        every kernel that touches it, with any tiling, regenerates the same bit (forward and
-        backward agree without storing a mask), and the CUDA and torch backends compute the same
-        bits (csrc/philox.cuh, reference.philox_keep_mask).
+        Element (row, col) keeps when word col % 4 of Philox-4x32-10 with key `seed` and counter
+        (position * ceil(num_cols / 4) + col // 4, key), each an int64 in two 32-bit words, as a
+        uniform in [0, 1), is >= p: one Philox call yields four elements. The mask is a function
+        of the element's logical name, so every kernel that touches it, with any tiling,
+        regenerates the same bit (forward and backward agree without storing a mask), a sample
+        named by its own key and its token positions draws the same mask wherever it is packed,
+        and the CUDA and torch backends compute the same bits (csrc/philox.cuh,
+        reference.torch_keep_mask). With key 0 the counter is Triton's tl.randint4x offset.
         """
         quads = col_start // 4 + tl.arange(0, BLOCK_K // 4)
-        counters = rows[:, None].to(tl.int64) * ((num_cols + 3) // 4) + quads[None, :]
-        u0, u1, u2, u3 = tl.rand4x(seed, counters)
+        counters = positions[:, None].to(tl.int64) * ((num_cols + 3) // 4) + quads[None, :]
+        row_keys = keys[:, None].to(tl.int64) + tl.zeros_like(counters)
+        w0, w1, w2, w3 = tl.philox(
+            seed, counters.to(tl.uint32), (counters >> 32).to(tl.uint32), row_keys.to(tl.uint32), (row_keys >> 32).to(tl.uint32)
+        )
+        u0 = tl.uint_to_uniform_float(w0)
+        u1 = tl.uint_to_uniform_float(w1)
+        u2 = tl.uint_to_uniform_float(w2)
+        u3 = tl.uint_to_uniform_float(w3)
         # join(join(u0, u2), join(u1, u3))[.., q, j, i] is word 2i + j, which row-major flattening
         # puts at column 4q + 2j + i: column 4q + w holds word w.
-        uniforms = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (rows.shape[0], BLOCK_K))
+        uniforms = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (positions.shape[0], BLOCK_K))
         return uniforms >= dropout_p
+
+    @triton.jit
+    def keep_mask(seed, rows, col_start, num_cols, dropout_p, BLOCK_K: tl.constexpr):
+        """The keep-mask of rows named by their index alone (key 0): a single adapter's batch."""
+        return keyed_keep_mask(seed, rows, tl.zeros_like(rows), col_start, num_cols, dropout_p, BLOCK_K)
+
+    @triton.jit
+    def keyed_keep_factor(seed, positions, keys, col_start, num_cols, dropout_p, BLOCK_K: tl.constexpr):
+        """keyed_keep_mask as a 0/1 fp32 tile (see keep_factor)."""
+        return keyed_keep_mask(seed, positions, keys, col_start, num_cols, dropout_p, BLOCK_K).to(tl.float32)
 
     @triton.jit
     def keep_factor(seed, rows, col_start, num_cols, dropout_p, BLOCK_K: tl.constexpr):

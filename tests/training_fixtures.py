@@ -37,8 +37,10 @@ def config_dict(tmp_path: Path, jobs=("add", "rev", "txt"), output="run", **over
     """The raw YAML mapping of a tiny multi-job run (write it out for torchrun, or parse it)."""
     paths = write_jobs_data(tmp_path)
     job_settings = {
-        "add": dict(r=4, lora_alpha=8, lr=1e-2, global_batch_size=8, max_steps=4, seed=1),
-        "rev": dict(r=8, lora_alpha=8, lr=5e-3, global_batch_size=6, max_steps=5, seed=2),
+        # Dropout on two of the jobs: every "equals training alone / an uninterrupted run" test
+        # then holds the dropout masks to it too.
+        "add": dict(r=4, lora_alpha=8, lr=1e-2, global_batch_size=8, max_steps=4, seed=1, lora_dropout=0.1),
+        "rev": dict(r=8, lora_alpha=8, lr=5e-3, global_batch_size=6, max_steps=5, seed=2, lora_dropout=0.2),
         "txt": dict(r=2, lora_alpha=4, lr=1e-2, global_batch_size=5, max_steps=3, seed=3),
     }
     data = {

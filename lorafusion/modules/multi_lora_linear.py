@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lorafusion.kernels import SegmentMeta, build_segment_meta, fused_multi_lora_linear, lora_scaling
+from lorafusion.kernels.segments import sample_dropout_rows
 from lorafusion.kernels.lora_linear import resolve_backend
 from lorafusion.kernels.nf4 import NF4Weight, quantize_nf4
 from .lora_linear import check_backend, check_lora_hyperparameters, default_adapter_dtype
@@ -36,6 +37,20 @@ class AdapterSettings:
         return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
 
+def _check_dropout_samples(dropout_samples: Sequence[tuple[int, int]], num_tokens: int) -> None:
+    counted = 0
+    for entry in dropout_samples:
+        if (
+            not isinstance(entry, tuple) or len(entry) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in entry)
+            or not -(2**63) <= entry[0] < 2**63 or entry[1] < 0
+        ):
+            raise ValueError(f"dropout_samples must be (int64 key, token count >= 0) pairs, got {entry!r}")
+        counted += entry[1]
+    if counted != num_tokens:
+        raise ValueError(f"dropout_samples cover {counted} tokens but the segments hold {num_tokens}")
+
+
 class MultiLoRABatch:
     """The consecutive token segments of one packed microbatch and the adapter that trains each.
 
@@ -45,10 +60,19 @@ class MultiLoRABatch:
     kernels' segment metadata is derived once per distinct layer configuration and cached here,
     so every layer of the model reuses it. `dropout_seed` makes the adapters' dropout masks a
     function of the batch (each layer adds its own `dropout_seed_offset`); None draws seeds from
-    torch's generator.
+    torch's generator. `dropout_samples`: the (key, token count) of each packed sample, in order,
+    covering the batch's tokens; a token's mask is then named by its sample's key and its position
+    in the sample instead of its row, so a sample with the same key draws the same masks wherever
+    it is packed and whatever it is packed with (a job trains as if alone, dropout included).
     """
 
-    def __init__(self, adapter_names: Sequence[str | None], lengths: Sequence[int], dropout_seed: int | None = None) -> None:
+    def __init__(
+        self,
+        adapter_names: Sequence[str | None],
+        lengths: Sequence[int],
+        dropout_seed: int | None = None,
+        dropout_samples: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
         if len(adapter_names) != len(lengths):
             raise ValueError(
                 f"adapter_names and lengths need one entry per segment, got {len(adapter_names)} names "
@@ -62,10 +86,14 @@ class MultiLoRABatch:
                 raise ValueError(f"lengths must be integers >= 0, got {length!r}")
         if dropout_seed is not None and not 0 <= dropout_seed < 2**31 - 1:
             raise ValueError(f"dropout_seed must be in [0, 2**31 - 1), got {dropout_seed}")
+        if dropout_samples is not None:
+            _check_dropout_samples(dropout_samples, sum(lengths))
         self.adapter_names = tuple(adapter_names)
         self.lengths = tuple(lengths)
         self.dropout_seed = dropout_seed
+        self.dropout_samples = None if dropout_samples is None else tuple(dropout_samples)
         self._metas: dict[tuple, SegmentMeta] = {}
+        self._dropout_rows: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_tokens(self) -> int:
@@ -87,12 +115,23 @@ class MultiLoRABatch:
             passthrough = len(adapters)  # a rank-0 adapter: no LoRA term
             segments = [(index.get(n, passthrough), length) for n, length in zip(self.adapter_names, self.lengths) if length > 0]
             settings = list(adapters.values()) + [(0, 0.0, 0.0)]
+            has_dropout = any(p > 0.0 for _, _, p in settings)
             meta = build_segment_meta(
                 [a for a, _ in segments], [length for _, length in segments],
                 [s[0] for s in settings], [s[1] for s in settings], [s[2] for s in settings], device,
+                dropout_rows=self.dropout_rows(device) if has_dropout else None,
             )
             self._metas[key] = meta
         return meta
+
+    def dropout_rows(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(positions, keys) naming each token's dropout mask on `device`, or None (by row)."""
+        if self.dropout_samples is None:
+            return None
+        if device not in self._dropout_rows:
+            keys, counts = zip(*self.dropout_samples) if self.dropout_samples else ((), ())
+            self._dropout_rows[device] = sample_dropout_rows(list(keys), list(counts), device)
+        return self._dropout_rows[device]
 
     def __repr__(self) -> str:
         return f"MultiLoRABatch(adapter_names={list(self.adapter_names)}, lengths={list(self.lengths)})"

@@ -9,6 +9,7 @@ MultiLoRABatch, trained by that job's adapter.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass
 
@@ -42,16 +43,27 @@ class PackedMicrobatch:
 def padding_sample(tokens: int) -> Sample:
     """A placeholder of `tokens` tokens with no loss, packed (under job None, so no adapter) where a
     microbatch's sample is not trained this time: a job restored past it on --resume, or absent
-    from a replayed schedule. The other samples then keep their rows, and dropout masks are drawn
-    per row of the packed microbatch, so they train exactly as in the full microbatch."""
+    from a replayed schedule. The other samples keep their rows and their dropout keys."""
     return Sample(record=0, input_ids=(0,) * tokens, labels=(IGNORE_INDEX,) * tokens)
 
 
+def sample_dropout_key(job: str, index: int) -> int:
+    """The int64 that names the dropout masks of the sample at position `index` of job `job`'s
+    training order (its visit in that epoch included): the same wherever the scheduler packs it,
+    beside whichever jobs, on every engine and after a resume."""
+    digest = hashlib.blake2b(f"{job}\0{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
 def pack_samples(
-    entries: list[tuple[str | None, Sample]], device: torch.device | str = "cpu", dropout_seed: int | None = None
+    entries: list[tuple[str | None, Sample]],
+    device: torch.device | str = "cpu",
+    dropout_seed: int | None = None,
+    dropout_keys: list[int] | None = None,
 ) -> PackedMicrobatch:
     """Concatenate (job name, sample) entries into one packed microbatch; `dropout_seed` seeds the
-    adapters' dropout masks (see MultiLoRABatch). A None job name marks a placeholder."""
+    adapters' dropout masks and `dropout_keys` (one per entry, see sample_dropout_key) names each
+    sample's (see MultiLoRABatch; None: by row). A None job name marks a placeholder."""
     if not entries:
         raise ValueError("pack_samples needs at least one sample")
     lengths = [len(sample.input_ids) for _, sample in entries]
@@ -70,7 +82,11 @@ def pack_samples(
         labels=labels[None].to(device),
         sample_of_token=sample_of_token.to(device),
         jobs=jobs,
-        lora_batch=MultiLoRABatch(*_job_segments(jobs, lengths), dropout_seed=dropout_seed),
+        lora_batch=MultiLoRABatch(
+            *_job_segments(jobs, lengths),
+            dropout_seed=dropout_seed,
+            dropout_samples=None if dropout_keys is None else list(zip(dropout_keys, lengths)),
+        ),
     )
 
 

@@ -31,7 +31,7 @@ from lorafusion.scheduler import Schedule
 
 from .checkpoints import CheckpointStore
 from .job_state import JobRun
-from .packing import PackedMicrobatch, pack_samples, padding_sample, per_token_loss
+from .packing import PackedMicrobatch, pack_samples, padding_sample, per_token_loss, sample_dropout_key
 
 
 class TrainingLoop:
@@ -43,7 +43,7 @@ class TrainingLoop:
     checkpoints: CheckpointStore
     checkpoint_every: int | None = None
     schedule: Schedule  # the microbatches being trained, by position
-    # The base of every microbatch's dropout seed (each layer mixes in its own offset).
+    # Every microbatch's dropout seed (each layer mixes in its own offset; each sample its key).
     dropout_seed_base: int = 0
 
     # ---- pipeline stage (a single process is stage 0 of 1) --------------------------------------
@@ -97,17 +97,21 @@ class TrainingLoop:
 
     def pack(self, position: int, refs: list) -> PackedMicrobatch:
         """The samples of microbatch `position`, packed, with a placeholder for each of its samples
-        not in `refs`. Its dropout seed depends only on the run and the position (each layer mixes
-        in its own offset), and every sample keeps its rows, so the single process, every pipeline
-        engine and a resumed run draw the same masks: the RNG state a checkpoint would otherwise
-        have to keep."""
+        not in `refs`. A sample's dropout masks depend only on the run's seed, the layer and the
+        sample's job and place in that job's training order (packing.sample_dropout_key), so a job
+        draws the same masks alone or beside others, in the offline run and the service, on every
+        pipeline engine and after a resume: the RNG state a checkpoint would otherwise keep."""
         trained = set(refs)
-        entries = [
-            (ref.job, self.jobs[ref.job].sample_at(ref.index)) if ref in trained else (None, padding_sample(ref.tokens))
-            for ref in self.schedule.microbatches[position].samples
-        ]
-        seed = (self.dropout_seed_base * 1_000_003 + position) % (2**31 - 1)
-        return pack_samples(entries, self.device, dropout_seed=seed)
+        entries, keys = [], []
+        for ref in self.schedule.microbatches[position].samples:
+            if ref in trained:
+                entries.append((ref.job, self.jobs[ref.job].sample_at(ref.index)))
+                keys.append(sample_dropout_key(ref.job, ref.index))
+            else:
+                entries.append((None, padding_sample(ref.tokens)))
+                keys.append(0)
+        seed = self.dropout_seed_base % (2**31 - 1)
+        return pack_samples(entries, self.device, dropout_seed=seed, dropout_keys=keys)
 
     def _run_microbatch(self, position: int, refs: list) -> None:
         # Every operation is per token or per sample (packed attention, per-segment adapters), so a

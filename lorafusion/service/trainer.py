@@ -100,7 +100,8 @@ class ServiceTrainer(TrainingLoop):
             server.admission, training.scheduler.capacity, server.window_batches, server.max_wait_windows,
             waited=store.windows_waited(),
         )
-        self._window_index = 0
+        # As `lorafusion train` seeds it: a job's dropout masks equal those of training it alone.
+        self.dropout_seed_base = training.model.seed
 
     # ---- submissions (HTTP threads) ---------------------------------------------------------------
 
@@ -207,8 +208,6 @@ class ServiceTrainer(TrainingLoop):
         self._planner.plan_ahead(self._following(window))
         for w in window:
             self._start(self.jobs[w.name])
-        self.dropout_seed_base = self.server.training.model.seed * 65_537 + self._window_index
-        self._window_index += 1
         stopped = self._stopped_in(window)
         for position, microbatch in enumerate(self.schedule.microbatches):
             if self.stop_requested.is_set():

@@ -190,3 +190,74 @@ def test_fp32_adapters_on_an_fp16_base_and_in_place_output(backend):
     y += 1.0
     y.float().sum().backward()
     assert A_cat.grad is not None and A_cat.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("rows, cols", [(50, 70), (3, 5), (17, 129)])
+def test_keyed_masks_are_the_same_bits_in_triton_and_torch(rows, cols):
+    g = torch.Generator().manual_seed(rows)
+    positions = torch.randint(0, 2**40, (rows,), generator=g)
+    keys = torch.randint(-(2**63), 2**63 - 1, (rows,), generator=g)
+    cpu = torch.device("cpu")
+    for seed, p in ((7, 0.1), (2**31 - 2, 0.5)):
+        triton_mask = triton_keep_mask(seed, rows, cols, p, cpu, row_positions=positions, row_keys=keys)
+        assert torch.equal(triton_mask, torch_keep_mask(seed, (rows, cols), p, cpu, positions, keys))
+        # A row's mask is its name's: rows permuted, masks permuted with them.
+        order = torch.randperm(rows, generator=g)
+        permuted = triton_keep_mask(seed, rows, cols, p, cpu, row_positions=positions[order], row_keys=keys[order])
+        assert torch.equal(permuted, triton_mask[order])
+    # Named by its row and key 0, a row draws the single-adapter kernels' mask (tl.randint4x's counter).
+    by_row = torch_keep_mask(5, (rows, cols), 0.3, cpu, torch.arange(rows), torch.zeros(rows, dtype=torch.int64))
+    assert torch.equal(by_row, torch_keep_mask(5, (rows, cols), 0.3, cpu))
+    assert torch.equal(by_row, triton_keep_mask(5, rows, cols, 0.3, cpu))
+    other_keys = torch_keep_mask(5, (rows, cols), 0.3, cpu, torch.arange(rows), torch.ones(rows, dtype=torch.int64))
+    assert not torch.equal(by_row, other_keys)
+
+
+def _packed(samples, order, ranks, scalings, dropout_ps):
+    """The metadata of `samples` (adapter, length, key) packed in `order`, each token named by its
+    sample's key and its position in the sample."""
+    from lorafusion.kernels.segments import sample_dropout_rows
+
+    chosen = [samples[i] for i in order]
+    rows = sample_dropout_rows([key for _, _, key in chosen], [length for _, length, _ in chosen], "cpu")
+    return build_segment_meta(
+        [a for a, _, _ in chosen], [length for _, length, _ in chosen], ranks, scalings, dropout_ps, "cpu", dropout_rows=rows
+    )
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_sample_named_by_its_key_draws_the_same_dropout_wherever_it_is_packed(backend):
+    # What makes a job train as if alone with dropout: its samples' masks follow them into any
+    # microbatch, at any row, beside any other job's samples. Forward and every gradient against
+    # the float64 reference with the keyed mask.
+    ranks, scalings, dropout_ps = [4, 8], [2.0, 1.0], [0.5, 0.25]
+    samples = [(0, 37, 11), (1, 70, -2**62), (0, 5, 3), (1, 64, 4)]  # (adapter, tokens, key)
+    in_features, out_features = 24, 20
+    x_all, weight, bias, As, Bs, grad_all = make_tensors(sum(n for _, n, _ in samples), in_features, out_features, ranks, torch.float32)
+    starts = [sum(n for _, n, _ in samples[:i]) for i in range(len(samples))]
+
+    def rows_of(order):
+        return torch.cat([torch.arange(starts[i], starts[i] + samples[i][1]) for i in order])
+
+    results = {}
+    for order in ([0], [0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 3, 2]):
+        meta = _packed(samples, order, ranks, scalings, dropout_ps)
+        index = rows_of(order)
+        x, grad_out = x_all[index], grad_all[index]
+        keep = torch_keep_mask(
+            DROPOUT_SEED, (meta.num_tokens, in_features), meta.row_dropout_p(torch.device("cpu"))[:, None],
+            torch.device("cpu"), meta.dropout_position, meta.dropout_key,
+        )
+        xg = x.clone().requires_grad_()
+        A_cat, B_cat = torch.cat(As).requires_grad_(), torch.cat(Bs, dim=1).requires_grad_()
+        y = fused_multi_lora_linear(xg, weight, bias, A_cat, B_cat, meta, backend=backend, dropout_seed=DROPOUT_SEED)
+        y.backward(grad_out)
+        exact = per_segment_reference(x, weight, bias, As, Bs, meta, keep, grad_out)
+        assert_close_to("y", y.detach(), exact[0])
+        assert_close_to("dx", xg.grad, exact[1])
+        position = order.index(0)
+        first = slice(sum(samples[i][1] for i in order[:position]), sum(samples[i][1] for i in order[: position + 1]))
+        results[tuple(order)] = y.detach()[first], xg.grad[first]
+    for order, (y0, dx0) in results.items():
+        torch.testing.assert_close(y0, results[(0,)][0], rtol=1e-5, atol=1e-6, msg=str(order))
+        torch.testing.assert_close(dx0, results[(0,)][1], rtol=1e-5, atol=1e-6, msg=str(order))

@@ -74,6 +74,26 @@ def test_multi_job_training_equals_each_job_alone_on_the_same_microbatches(tmp_p
         assert_adapters_close(adapters(together, job), adapters(alone, job))
 
 
+def test_jobs_with_dropout_trained_together_equal_each_job_alone_on_its_own_plan(tmp_path):
+    # Alone, a job's samples are packed into other microbatches at other rows; its dropout masks
+    # are named by its samples (not by rows or microbatch positions), so its adapter is the same.
+    config = make_config(tmp_path, add=dict(lora_dropout=0.3), rev=dict(lora_dropout=0.5))
+    together = MultiJobTrainer(config, progress=False)
+    together.train()
+    for job in ("add", "rev"):
+        alone = MultiJobTrainer(
+            make_config(tmp_path, jobs=(job,), output=f"alone-{job}", add=dict(lora_dropout=0.3), rev=dict(lora_dropout=0.5)),
+            progress=False,
+        )
+        alone.train()
+        assert alone.plan(resume=True).microbatches != together.plan(resume=True).microbatches
+        assert_adapters_close(adapters(together, job), adapters(alone, job))
+    # The dropout is real: without it the adapter differs.
+    undropped = MultiJobTrainer(make_config(tmp_path, jobs=("add",), output="undropped", add=dict(lora_dropout=0.0)), progress=False)
+    undropped.train()
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(adapters(together, "add").values(), adapters(undropped, "add").values()))
+
+
 def test_loss_falls_and_metrics_are_written(tmp_path):
     # The base is random: the adapter on lm_head is what can learn the answers' token distribution.
     targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]

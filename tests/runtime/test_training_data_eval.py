@@ -254,8 +254,8 @@ def test_evaluating_jobs_resume_to_the_uninterrupted_run_at_every_stop_point(tmp
     evaluated = {"eval_fraction": 0.2, "eval_every": 1, "lora_dropout": 0.2, "lr": 0.05, "lr_schedule": "constant"}
     data = config_dict(
         tmp_path, jobs=("add", "txt"), checkpoint_every=2,
-        # add's eval loss is lowest at step 2 (a checkpoint), then rises: it stops at step 4.
-        add={**evaluated, "lr": 0.03, "early_stopping_patience": 2, "max_steps": 10}, txt={**evaluated, "max_steps": 5},
+        # add's eval loss is lowest at step 3 (between two checkpoints), then rises: it stops at step 5.
+        add={**evaluated, "lr": 0.03, "seed": 2, "early_stopping_patience": 2, "max_steps": 10}, txt={**evaluated, "max_steps": 5},
     )
     root = Path(data["output_dir"])
 
@@ -263,7 +263,7 @@ def test_evaluating_jobs_resume_to_the_uninterrupted_run_at_every_stop_point(tmp
         return MultiJobTrainer(parse_config({**data, "output_dir": str(root / output)}, base_dir=tmp_path), device="cpu", progress=False)
 
     reference = trainer("reference").train()
-    assert reference.jobs["add"].steps == 4  # stopped early
+    assert reference.jobs["add"].steps == 5  # stopped early
     expected = {(r["job"], r["step"]): r.get("eval_loss") for r in metrics(root / "reference")}
     for stop in range(1, reference.microbatches_run):
         assert trainer(f"stop-{stop}").train(stop_after_microbatches=stop).interrupted

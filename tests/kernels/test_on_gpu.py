@@ -19,8 +19,8 @@ from lorafusion.kernels import fused_lora_linear, lora_linear_reference
 from lorafusion.kernels.keep_mask import triton_keep_mask
 from lorafusion.kernels.multi_lora_linear import fused_multi_lora_linear
 from lorafusion.kernels.nf4 import quantize_nf4
-from lorafusion.kernels.reference import nf4_dequantize_reference
-from lorafusion.kernels.segments import build_segment_meta
+from lorafusion.kernels.reference import nf4_dequantize_reference, torch_keep_mask
+from lorafusion.kernels.segments import build_segment_meta, sample_dropout_rows
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
@@ -59,9 +59,10 @@ def test_lora_linear_large_shape(forward_impl):
 # ---- multi-adapter op --------------------------------------------------------------------------
 
 
-def _check_multi(tokens_per_segment, adapters, ranks, dropout_ps, in_features, out_features, dtype, seed=77):
+def _check_multi(tokens_per_segment, adapters, ranks, dropout_ps, in_features, out_features, dtype, seed=77, keyed=False):
     """fused_multi_lora_linear on CUDA against each segment through the float64 single-adapter
-    reference (and the same in `dtype`, for the error torch itself makes)."""
+    reference (and the same in `dtype`, for the error torch itself makes). keyed: each segment is a
+    sample whose dropout masks are named by its own key and token positions (as the runtime packs)."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, scale=1.0):
@@ -75,8 +76,16 @@ def _check_multi(tokens_per_segment, adapters, ranks, dropout_ps, in_features, o
     As = [rand(r, in_features, scale=in_features**-0.5) for r in ranks]
     Bs = [rand(out_features, r, scale=r**-0.5) for r in ranks]
     grad_out = rand(tokens, out_features)
-    meta = build_segment_meta(adapters, tokens_per_segment, ranks, scalings, dropout_ps, CUDA)
-    keep_by_p = {p: triton_keep_mask(seed, tokens, in_features, p, CUDA) for p in set(dropout_ps) if p > 0}
+    rows = None
+    if keyed:
+        keys = [(-1) ** i * (2**62 + 977 * i) for i in range(len(tokens_per_segment))]
+        rows = sample_dropout_rows(keys, list(tokens_per_segment), CUDA)
+    meta = build_segment_meta(adapters, tokens_per_segment, ranks, scalings, dropout_ps, CUDA, dropout_rows=rows)
+    names = {} if rows is None else {"row_positions": rows[0], "row_keys": rows[1]}
+    keep_by_p = {p: triton_keep_mask(seed, tokens, in_features, p, CUDA, **names) for p in set(dropout_ps) if p > 0}
+    for p, keep in keep_by_p.items():  # Philox on the hardware: the CPU reference's bits
+        on_cpu = {name: t.cpu() for name, t in names.items()}
+        assert torch.equal(keep.cpu(), torch_keep_mask(seed, (tokens, in_features), p, torch.device("cpu"), **on_cpu)), p
 
     leaves = [t.clone().requires_grad_() for t in (x, torch.cat(As), torch.cat(Bs, dim=1), bias)]
     y = fused_multi_lora_linear(leaves[0], weight, leaves[3], leaves[1], leaves[2], meta, backend="triton", dropout_seed=seed)
@@ -106,10 +115,11 @@ def _check_multi(tokens_per_segment, adapters, ranks, dropout_ps, in_features, o
         assert_as_accurate_as_torch(name, f, e, s)
 
 
+@pytest.mark.parametrize("keyed", [False, True], ids=["masks-by-row", "masks-by-sample"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_multi_lora_linear_matches_float64(dtype):
+def test_multi_lora_linear_matches_float64(dtype, keyed):
     # Segments straddle the 64-row blocks; adapter 1 owns two segments, one of length 1.
-    _check_multi([65, 1, 130, 0, 37], [1, 1, 0, 2, 2], [16, 8, 33], [0.1, 0.0, 0.25], 192, 160, DTYPES[dtype])
+    _check_multi([65, 1, 130, 0, 37], [1, 1, 0, 2, 2], [16, 8, 33], [0.1, 0.0, 0.25], 192, 160, DTYPES[dtype], keyed=keyed)
 
 
 def test_multi_lora_linear_large_shape():

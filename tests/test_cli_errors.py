@@ -191,10 +191,6 @@ CASES = [
     ("train-columns-not-a-field", lambda t: train_config(t, columns={"answer": "a"}), 2, ["jobs[0].columns.answer", "not a field of format prompt_completion"]),
     ("train-columns-empty", lambda t: train_config(t, columns={}), 2, ["jobs[0].columns", "must be a mapping of field to column name, e.g. {prompt: my_column}; got an empty mapping"]),
     ("train-columns-one-column-for-two-fields", lambda t: train_config(t, columns={"prompt": "q", "completion": "q"}), 2, ["jobs[0].columns.completion", 'column "q" is already prompt\'s']),
-    ("train-eval-every-on-megatron", lambda t: train_config_dict(t, lambda d: d.update(parallel={"engine": "megatron", "pipeline_stages": 2}) or d["jobs"][0].update(eval_fraction=0.1, eval_every=1)), 2, ["jobs[0].eval_every", "evaluation runs in a single process: needs parallel.engine none, not megatron"]),
-    # the held-out share would be neither trained on nor scored
-    ("train-eval-data-on-megatron", lambda t: train_config_dict(t, lambda d: d.update(parallel={"engine": "megatron", "pipeline_stages": 2}) or d["jobs"][0].update(eval_data=d["jobs"][0]["data"])), 2, ["jobs[0].eval_data", "evaluation runs in a single process: needs parallel.engine none, not megatron"]),
-    ("train-eval-fraction-on-megatron", lambda t: train_config_dict(t, lambda d: d.update(parallel={"engine": "megatron", "pipeline_stages": 2}) or d["jobs"][0].update(eval_fraction=0.1)), 2, ["jobs[0].eval_fraction", "evaluation runs in a single process: needs parallel.engine none, not megatron"]),
     ("train-eval-every-without-eval-records", lambda t: train_config(t, eval_every=5), 2, ["jobs[0].eval_every", "eval_data or eval_fraction"]),
     # datasets and conversations that cannot train: the file (and row or line) named
     ("train-parquet-null-row", lambda t: one_job(t, parquet_with_a_null), 2, ["no job can train", "add.parquet, row 3", 'field "question" must be a string, got null']),

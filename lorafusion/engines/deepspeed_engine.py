@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lorafusion.modules import multi_lora_batch
+from lorafusion.runtime.eval_loss import pack_eval_microbatch, summed_loss
 from lorafusion.runtime.packing import per_token_loss
 
 from .liveness import process_groups, set_group_timeouts, watching_peers
@@ -111,6 +112,9 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
         self._instructions_run: dict[str, int] = {}
         self._set_aside: dict[torch.nn.Parameter, torch.Tensor] = {}
         self._non_finite: str | None = None
+        # While eval_batch() runs: the (job, eval samples) microbatches, and each job's summed loss.
+        self._eval_microbatches: list | None = None
+        self._eval_sums: dict[str, float] = {}
 
     @property
     def pipeline_group(self):
@@ -174,13 +178,18 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
 
     def _timed_instruction(self, kind: str, execute):
         def run(engine, **kwargs):
+            logged = kind
             if kind == "step":
                 tokens = 0
+            elif self._eval_microbatches is not None:  # eval_batch(): forwards only
+                logged, index = "eval", self._instructions_run["eval"]
+                self._instructions_run["eval"] += 1
+                tokens = sum(len(sample.input_ids) for sample in self._eval_microbatches[index][1])
             else:
                 index = self._instructions_run[kind]
                 self._instructions_run[kind] += 1
                 tokens = sum(ref.tokens for ref in self._window[index][1])
-            return self._timed(kind, tokens, lambda: execute(engine, **kwargs))
+            return self._timed(logged, tokens, lambda: execute(engine, **kwargs))
 
         return run
 
@@ -193,6 +202,10 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
             return
         self.engine = self.engine or self._build_engine()
         for window in windows:
+            # A job stopped early (at an earlier window's eval) trains no more: its samples become placeholders.
+            window = [(position, live) for position, refs in window if (live := [r for r in refs if not self.jobs[r.job].stopped_early])]
+            if not window:
+                continue
             self._window, self._window_refs = window, dict(window)
             self._instructions_run = {"forward": 0, "backward": 0}
             self.engine.set_train_batch_size(len(window))
@@ -202,6 +215,24 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
             for param, grad in self._set_aside.items():
                 param.grad = grad
             self._set_aside.clear()
+            self.complete_steps()  # the pipeline is flushed: every stage has stepped the window's jobs
+
+    def _forward_only(self, microbatches: list[tuple[str, list]]) -> dict[str, float]:
+        """The eval microbatches through DeepSpeed's eval_batch() (its forward-only schedule), each
+        named by a negative position; the last stage sums each job's loss as it goes."""
+        if not microbatches:
+            return {}
+        self.engine = self.engine or self._build_engine()
+        self._eval_microbatches, self._eval_sums = microbatches, {}
+        self._instructions_run = {"eval": 0}
+        try:
+            batches = [(torch.tensor([-1 - index]), torch.tensor([-1 - index])) for index in range(len(microbatches))]
+            self.engine.eval_batch(
+                iter(batches), compute_loss=False, reduce_output=None, bcast_loss=False, num_micro_batches=len(batches)
+            )
+        finally:
+            self._eval_microbatches = None
+        return self._eval_sums
 
     def _windows(self, slots: list) -> list[list]:
         """Consecutive slots, cut after each slot that completes some job's global batch."""
@@ -228,6 +259,8 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
         else:
             stage_input, position_tensor = inputs
         position = int(position_tensor.item())
+        if position < 0:
+            return self._eval_forward(stage_input, position_tensor, -1 - position)
         refs = self._window_refs[position]
         packed = self.pack(position, refs)
         with multi_lora_batch(self.model, packed.lora_batch):
@@ -244,6 +277,17 @@ class DeepSpeedPipelineTrainer(PipelineTrainer):
             self.jobs[name].batch_loss += loss.item()
         # DeepSpeed divides by gradient_accumulation_steps (the window length) before the backward.
         return sum(losses.values()) * len(self._window)
+
+    def _eval_forward(self, stage_input, position_tensor, index: int):
+        name, samples = self._eval_microbatches[index]
+        packed = pack_eval_microbatch(name, samples, self.device)
+        with multi_lora_batch(self.model, packed.lora_batch):
+            output = self.stage(packed.input_ids if stage_input is None else stage_input, packed.position_ids, packed.sample_lengths)
+        if not self.is_last_stage:
+            return output, position_tensor
+        total = summed_loss(output, packed)
+        self._eval_sums[name] = self._eval_sums.get(name, 0.0) + total
+        return torch.tensor(total)
 
     def end_window(self) -> None:
         """The engine's optimizer step: count the window's samples, step the jobs whose global batch

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from lorafusion.modules import multi_lora_batch
+from lorafusion.runtime.eval_loss import pack_eval_microbatch, summed_loss
 from lorafusion.runtime.job_state import JobRun
 from lorafusion.runtime.output_dir import PIPELINE_STATS_DIR, write_atomically
 from lorafusion.runtime.packing import per_token_loss
@@ -95,6 +96,8 @@ class PipelineTrainer(MultiJobTrainer):
         self.data_parallel_group = data_parallel_group
         self._link_factory = link_factory
         self._chunk_refs: dict[int, list] = {}
+        self._completed: list[tuple[JobRun, int]] = []  # (job, step) of the batches completed since the last eval point
+        self._stepped: list[JobRun] = []  # the jobs this stage stepped since then, to report and checkpoint
         super().__init__(config, device=device, progress=progress)
 
     # ---- data parallelism: D replicas of the pipeline, each taking one microbatch of every D ----
@@ -134,6 +137,71 @@ class PipelineTrainer(MultiJobTrainer):
     def save_checkpoint(self, job: JobRun) -> None:
         if self.replica_index == 0:  # the replicas hold the same adapters
             super().save_checkpoint(job)
+
+    # ---- evaluation, once every stage has stepped a job -----------------------------------------
+    #
+    # Each stage steps a job after its own backward of the job's global batch, at its own time. The
+    # step's eval (and its report, checkpoint or finish) waits for the next eval point, where every
+    # stage has taken the step and no training message is in flight between neighbours: after that
+    # backward's exchange with them (megatron) or after the window's train_batch (DeepSpeed). There
+    # the job's eval microbatches run forward only through the stages (model in eval mode, no
+    # gradients; each replica takes one of every D), the last stages' summed losses are added up
+    # over all ranks, and every stage records the same eval, so all stop a job together. Which jobs
+    # are evaluated depends on the schedule only (not on a failure one stage may not know yet).
+
+    def _step(self, job: JobRun, global_batch: int) -> None:
+        self._completed.append((job, global_batch + 1))
+        super()._step(job, global_batch)
+
+    def after_step(self, job: JobRun) -> None:
+        self._stepped.append(job)
+
+    def count_trained(self, refs: list) -> None:
+        # A job stopped early no longer counts its samples, which still flow (the schedule is fixed).
+        super().count_trained([ref for ref in refs if not self.jobs[ref.job].stopped_early])
+
+    def complete_steps(self) -> None:
+        """The eval point: evaluate the jobs whose eval is due at the steps completed since the last
+        one, then report and checkpoint (or finish) the steps this stage took."""
+        completed, self._completed = self._completed, []
+        stepped, self._stepped = self._stepped, []
+        due = [(job, step) for job, step in completed if job.evaluation is not None and job.evaluation.due(step, job.num_steps)]
+        losses = self._eval_losses([job for job, _ in due]) if due else {}
+        for job, step in due:
+            job.evaluation.record(step, losses[job.name], job.named_parameters)
+        for job in stepped:
+            job.step_eval_loss = losses.get(job.name)
+            self.conclude_step(job)
+
+    def _eval_losses(self, jobs: list[JobRun]) -> dict[str, float]:
+        """Each job's eval loss, the same on every rank."""
+        microbatches = [(job.name, samples) for job in jobs for samples in job.evaluation.microbatches]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                sums = self._forward_only(microbatches[self.replica_index :: self.num_replicas])
+        finally:
+            self.model.train(was_training)
+        totals = torch.tensor([sums.get(job.name, 0.0) for job in jobs], dtype=torch.float64, device=self.device)
+        dist.all_reduce(totals)  # only the last stages' sums are not zero
+        return {job.name: total / job.evaluation.target_tokens for job, total in zip(jobs, totals.tolist())}
+
+    def _forward_only(self, microbatches: list[tuple[str, list]]) -> dict[str, float]:
+        """(job, eval samples) microbatches forward through this stage, in order; on the last stage,
+        each job's summed loss (eval_loss.summed_loss, as the single process sums it)."""
+        sums: dict[str, float] = {}
+        for name, samples in microbatches:
+            packed = pack_eval_microbatch(name, samples, self.device)
+            received = self.link.recv_forward((1, packed.num_tokens, self.hidden_size))
+            stage_input = packed.input_ids if received is None else received
+            with multi_lora_batch(self.model, packed.lora_batch):
+                output = self._timed("eval", packed.num_tokens, lambda: self.stage(stage_input, packed.position_ids, packed.sample_lengths))
+            if self.is_last_stage:
+                sums[name] = sums.get(name, 0.0) + summed_loss(output, packed)
+            else:
+                self.link.send_forward(output)
+        return sums
 
     # ---- the stage ------------------------------------------------------------------------------
 
@@ -261,6 +329,9 @@ class PipelineTrainer(MultiJobTrainer):
             link.send_forward(flagged(forward(slots[i], stage_input, in_flight)))
         steady = total - warmup
         stage_input = unflagged(link.recv_forward(self._wire_shape(slots[warmup]))) if steady > 0 else None
+        # The eval point after the k-th backward: stage s has sent its gradient to stage s - 1 and
+        # received the forward stage s - 1 sent before that backward, so the eval's forwards are the
+        # next messages on every link.
         for k in range(steady):
             output = forward(slots[warmup + k], stage_input, in_flight)
             output_grad = unflagged(link.send_forward_recv_backward(flagged(output), self._wire_shape(slots[k])))
@@ -271,9 +342,11 @@ class PipelineTrainer(MultiJobTrainer):
                 stage_input = unflagged(
                     link.send_backward_recv_forward(flagged(input_grad), self._wire_shape(slots[warmup + k + 1]))
                 )
+            self.complete_steps()
         for k in range(steady, total):
             output_grad = unflagged(link.recv_backward(self._wire_shape(slots[k])))
             link.send_backward(flagged(backward(in_flight.popleft(), output_grad)))
+            self.complete_steps()
 
     # ---- failure flags between stages ------------------------------------------------------------
 
@@ -335,10 +408,10 @@ class PipelineTrainer(MultiJobTrainer):
             kept = []
             for name, loss in losses.items():
                 job = self.jobs[name]
-                if job.status != "failed" and not torch.isfinite(loss):
+                if job.status == "running" and not torch.isfinite(loss):
                     self.fail_job(job, f"non-finite loss ({loss.item()}) at microbatch {position}")
-                if job.status == "failed":
-                    continue  # its tokens still flow; their loss no longer counts
+                if job.status != "running":
+                    continue  # failed or stopped early: its tokens still flow; their loss no longer counts
                 job.batch_loss += loss.item()
                 kept.append(loss)
             output = sum(kept) if kept else None

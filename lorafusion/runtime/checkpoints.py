@@ -121,7 +121,7 @@ def load_stage_files(files: list[Path]) -> dict:
     """The stage files of one checkpoint step merged: parameters and AdamW state by key."""
     if not files:
         raise FileNotFoundError("no complete checkpoint")
-    merged: dict = {"parameters": {}, "optimizer": {}}
+    merged: dict = {"parameters": {}, "optimizer": {}, "evaluation": None}
     for path in files:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not {"parameters", "optimizer", "step"} <= state.keys():
@@ -130,5 +130,15 @@ def load_stage_files(files: list[Path]) -> dict:
         merged["optimizer"].update(state["optimizer"])
         for key in ("step", "tokens_seen", "last_loss", "lr_scheduler"):
             merged[key] = state[key]
-        merged["evaluation"] = state.get("evaluation")  # the eval state (single-process runs: one stage)
+        merged["evaluation"] = _merged_evaluation(merged["evaluation"], state.get("evaluation"))
     return merged
+
+
+def _merged_evaluation(merged: dict | None, stage: dict | None) -> dict | None:
+    """The eval state of a job over its stage files: every stage records the same evals, and
+    keeps the best eval's adapter of its own layers."""
+    if merged is None or stage is None:
+        return stage if merged is None else merged
+    if merged["best_parameters"] is None or stage["best_parameters"] is None:
+        return stage
+    return {**stage, "best_parameters": {**merged["best_parameters"], **stage["best_parameters"]}}

@@ -75,7 +75,6 @@ from .config_schema import (
     Columns,
     DataFormat,
     DatasetPath,
-    EvalDatasetPath,
     Directory,
     Dtype,
     Epochs,
@@ -181,7 +180,7 @@ class JobSpec:
     warmup_steps: WarmupSteps = 0
     max_seq_len: MaxSeqLen = 512
     seed: Seed = 0
-    eval_data: EvalDatasetPath | None = None  # held-out records in the job's format: eval loss (and exact match for prompt_completion)
+    eval_data: DatasetPath | None = None  # held-out records in the job's format: eval loss (and exact match for prompt_completion)
     columns: Columns | None = None  # format field -> the dataset's column name
     eval_fraction: HeldOutShare | None = None  # share of `data` held out for the eval loss instead of eval_data
     eval_every: EvalEvery | None = None  # optimizer steps between eval losses; None: only at the last step

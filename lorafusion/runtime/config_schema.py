@@ -290,15 +290,6 @@ def _fits_model_and_microbatch(max_seq_len: int, info: ValidationInfo) -> int:
     return max_seq_len
 
 
-def _single_process_eval(value: T, info: ValidationInfo) -> T:
-    """eval_every, eval_data and eval_fraction: held-out records a pipeline run would neither train on
-    nor score (its eval loss and exact-match accuracy are computed in a single process only)."""
-    parallel = info.context.get("parallel")
-    if parallel is not None and parallel.engine != "none":
-        fail(f"evaluation runs in a single process: needs parallel.engine none, not {parallel.engine}")
-    return value
-
-
 JobName = Annotated[NonEmptyStr, AfterValidator(_job_name)]
 TargetModules = Annotated[list[str] | str, PlainValidator(_target_modules)]
 Columns = Annotated[dict[str, str], PlainValidator(_columns)]
@@ -307,9 +298,8 @@ MaxSteps = Annotated[int, Strict(), Field(ge=1, le=MAX_STEPS), AfterValidator(_s
 Epochs = Annotated[Annotated[PositiveNumber, Field(le=MAX_EPOCHS)] | None, Field(validate_default=True), AfterValidator(_one_epoch_by_default)]
 WarmupSteps = Annotated[NonNegativeInt, AfterValidator(_warmup_within_steps)]
 MaxSeqLen = Annotated[PositiveInt, Field(validate_default=True), AfterValidator(_fits_model_and_microbatch)]
-EvalEvery = Annotated[int, Strict(), Field(ge=1, le=MAX_STEPS), AfterValidator(_single_process_eval)]
-HeldOutShare = Annotated[PositiveNumber, AfterValidator(_below_one), AfterValidator(_single_process_eval)]
-EvalDatasetPath = Annotated[DatasetPath, AfterValidator(_single_process_eval)]
+EvalEvery = Annotated[int, Strict(), Field(ge=1, le=MAX_STEPS)]
+HeldOutShare = Annotated[PositiveNumber, AfterValidator(_below_one)]
 Patience = Annotated[int, Strict(), Field(ge=1, le=MAX_STEPS)]
 
 

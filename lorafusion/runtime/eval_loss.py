@@ -7,6 +7,10 @@ tokens, exactly what its training loss is over a global batch, computed on the j
 eval microbatches without gradients (the model in eval mode, so no LoRA dropout). With
 `early_stopping_patience`, a job whose eval loss has not improved for that many evals stops, and
 the adapter it publishes is the one of its best eval (also when it runs to its last step).
+
+A single process scores the samples here (`eval_loss`); the pipeline engines run the same packed
+microbatches forward through their stages once every stage has stepped the job, and share the
+summed losses (engines/pipeline.py), so every stage records the same evals and stops together.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from lorafusion.modules import multi_lora_batch
 from .config import JobSpec
 from .data import DataError, Opener, Sample, load_samples, open_binary
 from .data_sources import data_digest
-from .packing import pack_samples, per_token_loss
+from .packing import PackedMicrobatch, pack_samples, per_token_loss
 
 # Mixed into the job's seed for the eval_fraction split, so that it is not the permutation of the
 # job's first epoch.
@@ -74,23 +78,35 @@ def pack_eval_microbatches(samples: list[Sample], capacity: int) -> list[list[Sa
     return microbatches
 
 
+def pack_eval_microbatch(adapter: str, samples: list[Sample], device) -> PackedMicrobatch:
+    return pack_samples([(adapter, sample) for sample in samples], device)
+
+
+def summed_loss(logits: torch.Tensor, packed: PackedMicrobatch) -> float:
+    """The cross-entropy of every target token of a packed eval microbatch, summed in float64."""
+    return float(per_token_loss(logits, packed.labels).double().sum())
+
+
+def target_tokens(microbatches: list[list[Sample]]) -> int:
+    return sum(sample.num_target_tokens for samples in microbatches for sample in samples)
+
+
 def eval_loss(model, adapter: str, microbatches: list[list[Sample]], device) -> float:
     """Mean token cross-entropy of the samples under `adapter`: the sum over every target token of
-    every microbatch, divided by their count. No gradients; the model is put in eval mode for it."""
+    every microbatch, divided by their count. No gradients; the model is put in eval mode for it.
+    (The pipeline engines compute the same sums through their stages: engines/pipeline.py.)"""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total = 0.0
     try:
         with torch.no_grad():
             for samples in microbatches:
-                packed = pack_samples([(adapter, sample) for sample in samples], device)
+                packed = pack_eval_microbatch(adapter, samples, device)
                 with multi_lora_batch(model, packed.lora_batch):
-                    logits = model(**packed.model_inputs()).logits
-                total += float(per_token_loss(logits, packed.labels).double().sum())
-                count += sum(sample.num_target_tokens for sample in samples)
+                    total += summed_loss(model(**packed.model_inputs()).logits, packed)
     finally:
         model.train(was_training)
-    return total / count
+    return total / target_tokens(microbatches)
 
 
 class JobEvaluation:
@@ -100,6 +116,7 @@ class JobEvaluation:
         self.every = spec.eval_every
         self.patience = spec.early_stopping_patience
         self.microbatches = pack_eval_microbatches(samples, capacity)
+        self.target_tokens = target_tokens(self.microbatches)
         self.best_loss = math.inf
         self.best_step = 0
         self.evals_since_best = 0
@@ -135,9 +152,13 @@ class JobEvaluation:
             "stopped": self.stopped,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, keys=None) -> None:
+        """Continue from `state`; `keys`: the adapter parameters this process holds (a checkpoint
+        merged over pipeline stages holds every stage's best adapter)."""
         self.best_loss, self.best_step = state["best_loss"], state["best_step"]
         self.evals_since_best, self.best_parameters = state["evals_since_best"], state["best_parameters"]
+        if self.best_parameters is not None and keys is not None:
+            self.best_parameters = {key: self.best_parameters[key] for key in keys}
         self.stopped = state["stopped"]
 
 

@@ -207,7 +207,7 @@ class JobRun:
             group["lr"] = lr
         self.step, self.tokens_seen, self.last_loss = state["step"], state["tokens_seen"], state["last_loss"]
         if self.evaluation is not None and state.get("evaluation") is not None:
-            self.evaluation.load_state_dict(state["evaluation"])
+            self.evaluation.load_state_dict(state["evaluation"], keys=self.named_parameters)
         for g in range(self.step):
             self.remaining[g] = 0
         if self.step == self.num_steps or self.stopped_early:

@@ -160,8 +160,7 @@ class MultiJobTrainer(TrainingLoop):
             except DataError as error:
                 job.status, job.failure = "failed", str(error)
             else:
-                # The eval loss needs the whole model in one process (config.py refuses eval_every otherwise).
-                if eval_samples and config.parallel.engine == "none":
+                if eval_samples:
                     job.evaluation = JobEvaluation(spec, eval_samples, config.scheduler.capacity)
             self.jobs[spec.name] = job
         if all(job.status == "failed" for job in self.jobs.values()):

@@ -14,8 +14,9 @@ the hooks `_write_status`, `_log_step` and `publish_adapter`.
 
 The pipeline engines (lorafusion.engines) run the same loop on one stage each, through this
 interface: they override `setup_stage`, `owned_lora_modules`, `reduce_gradients`,
-`save_checkpoint` and `fail_job`, set `stage_index`, `num_stages`, `publishes_when_finished`, and
-call `live_refs`, `pack`, `job_losses`, `count_trained` and `fail_job`.
+`save_checkpoint`, `fail_job`, `count_trained` and `after_step` (a job's eval runs through every
+stage once all have stepped it), set `stage_index`, `num_stages`, `publishes_when_finished`, and
+call `live_refs`, `pack`, `job_losses`, `count_trained`, `conclude_step` and `fail_job`.
 """
 
 from __future__ import annotations
@@ -183,7 +184,17 @@ class TrainingLoop:
             return
         job.step += 1
         job.last_loss = job.batch_loss
+        self.after_step(job)
+
+    def after_step(self, job: JobRun) -> None:
+        """Evaluate, report and checkpoint the step the job has just taken. A pipeline engine defers
+        this until every stage has taken the step (the eval runs through all of them)."""
         self._evaluate(job)
+        self.conclude_step(job)
+
+    def conclude_step(self, job: JobRun) -> None:
+        """Report the job's step (with its eval loss, if evaluated), then checkpoint it, or finish
+        the job at its last step or an early stop."""
         if self.is_reporter:
             self._log_step(job)
         job.batch_loss, job.batch_tokens = 0.0, 0

@@ -13,6 +13,7 @@ import torch
 
 from lorafusion.runtime.checkpoints import CheckpointStore, load_stage_files
 from lorafusion.runtime.data import Sample
+from lorafusion.runtime.eval_loss import JobEvaluation, published_parameters
 from lorafusion.runtime.job_state import JobRun, training_order
 from lorafusion.runtime.run_state import RunStateWarning
 from training_fixtures import make_config
@@ -105,6 +106,40 @@ def test_each_stage_keeps_its_two_newest_steps_and_a_step_is_complete_with_every
     whole = job(tmp_path, weights={"a": torch.nn.Parameter(torch.zeros(2)), "b": torch.nn.Parameter(torch.zeros(3))})
     assert CheckpointStore(tmp_path / "run").restore(whole) and whole.step == 2
     assert torch.equal(whole.named_parameters["b"].detach(), torch.full((3,), 2.0))
+
+
+def test_the_best_adapter_of_an_early_stopped_job_is_merged_over_its_stages(tmp_path):
+    # Each pipeline stage records the same evals and keeps the best eval's adapter of its own layers.
+    settings = {"eval_fraction": 0.1, "eval_every": 1, "early_stopping_patience": 2}
+
+    def evaluated_job(weights):
+        run = job(tmp_path, weights=weights, **settings)
+        run.evaluation = JobEvaluation(run.spec, [], capacity=96)
+        return run
+
+    stages = [evaluated_job({"a": torch.nn.Parameter(torch.zeros(2))}), evaluated_job({"b": torch.nn.Parameter(torch.zeros(3))})]
+    stores = [CheckpointStore(tmp_path / "run", index, 2) for index in range(2)]
+    for step, loss in ((1, 3.0), (2, 2.0), (3, 2.5), (4, 2.6)):
+        for run, store in zip(stages, stores):
+            run.step = step
+            with torch.no_grad():
+                for param in run.named_parameters.values():
+                    param.fill_(step)
+            run.evaluation.record(step, loss, run.named_parameters)
+            store.save(run)
+    assert all(run.stopped_early for run in stages)
+    merged = load_stage_files(stores[0].latest_complete("add"))
+    assert merged["step"] == 4 and merged["evaluation"]["best_step"] == 2
+    best = published_parameters(merged)
+    assert best.keys() == {"a", "b"} and torch.equal(best["a"], torch.full((2,), 2.0)) and torch.equal(best["b"], torch.full((3,), 2.0))
+    # Restored onto one stage (a single process), or onto the first of two, the job is finished and
+    # holds the best adapter of the layers it has; it keeps only those.
+    whole = evaluated_job({"a": torch.nn.Parameter(torch.zeros(2)), "b": torch.nn.Parameter(torch.zeros(3))})
+    first = evaluated_job({"a": torch.nn.Parameter(torch.zeros(2))})
+    for run in (whole, first):
+        assert CheckpointStore(tmp_path / "run").restore(run) and run.status == "finished" and run.step == 4
+        assert run.evaluation.best_parameters.keys() == run.named_parameters.keys()
+        assert all(torch.equal(param.detach(), best[key]) for key, param in run.named_parameters.items())
 
 
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path):

@@ -35,8 +35,8 @@ def _output_layer(model: nn.Module) -> nn.Module | None:
 
 def _is_linear(module: nn.Module) -> bool:
     # A converted layer still counts as the linear it replaced, so targets resolve the same before
-    # and after apply_lora (load_adapter compares them).
-    return isinstance(module, (nn.Linear, FusedLoRALinear, MultiLoRALinear))
+    # and after apply_lora (load_adapter compares them); so does a linear quantized to NF4Linear.
+    return isinstance(module, (nn.Linear, FusedLoRALinear, MultiLoRALinear, NF4Linear))
 
 
 def _name_matches(name: str, target_modules: list[str] | str) -> bool:
@@ -187,7 +187,7 @@ def apply_lora(
         layer.train(linear.training)
         setattr(model.get_submodule(parent_name), child_name, layer)
     if quantize_other_linears:
-        _quantize_untargeted_linears(model, blocksize, double_quant, config.backend)
+        quantize_linears(model, config.backend, blocksize, double_quant)
     setattr(model, CONFIG_ATTRIBUTE, config)
     _fit_for_transformers_trainer(model)
     return model
@@ -226,8 +226,12 @@ def _save_pretrained_with_adapter(self, save_directory, *args, is_main_process: 
             save_trainable_for_resume(self, save_directory)
 
 
-def _quantize_untargeted_linears(model: nn.Module, blocksize: int, double_quant: bool, backend: str) -> None:
-    """Every plain nn.Linear left (not the output layer) becomes a frozen NF4Linear."""
+def quantize_linears(model: nn.Module, backend: str = "auto", blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+    """Every plain nn.Linear of `model` but the output layer becomes a frozen NF4Linear (what
+    quantize_other_linears does to the layers no adapter targets). Adapters may go on the
+    quantized layers afterwards (MultiLoRALinear and FusedLoRALinear.from_linear take an
+    NF4Linear's weight as it is): the service quantizes its base once, before any job arrives.
+    Returns the model, changed in place."""
     output_layer = _output_layer(model)
     others = [
         (name, module) for name, module in model.named_modules() if type(module) is nn.Linear and module is not output_layer
@@ -235,6 +239,7 @@ def _quantize_untargeted_linears(model: nn.Module, blocksize: int, double_quant:
     for name, linear in others:
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, NF4Linear.from_linear(linear, blocksize, double_quant, backend=backend))
+    return model
 
 
 def _has_adapters(model: nn.Module) -> bool:
@@ -304,7 +309,7 @@ def apply_multi_lora(
         setattr(model.get_submodule(parent_name), child_name, layer)
         layers[module_name] = layer
     if quantize_other_linears:
-        _quantize_untargeted_linears(model, blocksize, double_quant, backends[0])
+        quantize_linears(model, backends[0], blocksize, double_quant)
     for adapter, config in configs.items():
         for module_name in targets[adapter]:
             seed = None if init_seeds is None else init_seeds[adapter]

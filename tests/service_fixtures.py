@@ -22,11 +22,16 @@ from lorafusion.service.server import Service
 from training_fixtures import TINY_MODEL, config_dict
 
 
-def server_dict(tmp_path: Path, **overrides) -> dict:
-    """SERVER.yaml's mapping: the tiny model, jobs' data under tmp_path/data."""
+def tiny_model(quantize: str | None = None) -> dict:
+    """The tiny model's section, its base weights in NF4 with quantize="nf4"."""
+    return TINY_MODEL if quantize is None else {**TINY_MODEL, "quantize": quantize}
+
+
+def server_dict(tmp_path: Path, quantize: str | None = None, **overrides) -> dict:
+    """SERVER.yaml's mapping: the tiny model (model.quantize: `quantize`), jobs' data under tmp_path/data."""
     (tmp_path / "data").mkdir(exist_ok=True)
     return {
-        "model": TINY_MODEL,
+        "model": tiny_model(quantize),
         "scheduler": {"capacity": 96, "solver": "greedy"},
         "backend": "torch",
         "checkpoint_every": 2,
@@ -47,10 +52,10 @@ def job_entry(tmp_path: Path, name: str, like: str | None = None, **overrides) -
     return {**entry, "name": name, **overrides}
 
 
-def alone_adapter(tmp_path: Path, entry: dict) -> dict[str, torch.Tensor]:
-    """The adapter `lorafusion train` gives for the job trained alone."""
+def alone_adapter(tmp_path: Path, entry: dict, quantize: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter `lorafusion train` gives for the job trained alone (model.quantize: `quantize`)."""
     config = parse_config(
-        {"model": TINY_MODEL, "jobs": [entry], "scheduler": {"capacity": 96, "solver": "greedy"},
+        {"model": tiny_model(quantize), "jobs": [entry], "scheduler": {"capacity": 96, "solver": "greedy"},
          "output_dir": str(tmp_path / f"alone-{entry['name']}"), "backend": "torch"},
         base_dir=tmp_path,
     )

@@ -106,14 +106,19 @@ class FusedLoRALinear(nn.Module):
 
         QLoRA: with quantize="nf4" the base weight is stored in 4-bit NF4 (bitsandbytes' format,
         `blocksize` elements per absmax, `double_quant` quantizing the absmax too) instead of being
-        shared; a `bitsandbytes.nn.Linear4bit` (NF4) is taken as it is, its storage shared.
+        shared; a `bitsandbytes.nn.Linear4bit` (NF4) or a `lorafusion.qlora.NF4Linear` is taken as
+        it is, its storage shared.
         """
         if quantize is not None:
             nf4_linear.check_quantize(quantize)
         if nf4_linear.is_linear4bit(linear):
             weight, bias = nf4_linear.nf4_from_linear4bit(linear)
+        elif isinstance(linear, nf4_linear.NF4Linear):
+            weight, bias = linear.weight, linear.bias
         elif not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear needs an nn.Linear or bitsandbytes.nn.Linear4bit, got {type(linear).__name__}")
+            raise TypeError(
+                f"from_linear needs an nn.Linear, a lorafusion.qlora.NF4Linear or a bitsandbytes.nn.Linear4bit, got {type(linear).__name__}"
+            )
         elif quantize is not None:
             weight, bias = quantize_nf4(linear.weight, blocksize, double_quant), linear.bias
         else:

@@ -1,6 +1,10 @@
 """Adapters put on and taken off a running base model, one job at a time (apply_multi_lora converts
 a model once, for jobs all known at the start). A job's adapter starts from the same weights as
-in an offline run: its seed and each module's name (adapter_init_generator)."""
+in an offline run: its seed and each module's name (adapter_init_generator).
+
+A quantized base (model.quantize: nf4) was quantized once, before any job (apply.quantize_linears):
+its layers are NF4Linear, and an adapter goes on top of the NF4 weight as it is, the bytes
+`lorafusion train` quantizes for that job alone. Only the output layer stays unquantized there."""
 
 from __future__ import annotations
 
@@ -14,13 +18,22 @@ from lorafusion.config import LoRAConfig
 from lorafusion.modules import MultiLoRALinear
 
 
-def target_problems(model: torch.nn.Module, config: LoRAConfig) -> list[tuple[str, str]]:
+def target_problems(model: torch.nn.Module, config: LoRAConfig, quantized: bool = False) -> list[tuple[str, str]]:
     """Why `config` cannot go on `model`: targets that select no linear layer, or a rank larger
-    than a targeted layer's smaller dimension. Empty if it fits."""
+    than a targeted layer's smaller dimension; on a `quantized` base, targets left unquantized
+    (the output layer). Empty if it fits."""
     try:
         targets = find_target_modules(model, config.target_modules)
     except ValueError as error:
         return [("target_modules", str(error))]
+    unquantized = [name for name in targets if isinstance(model.get_submodule(name), torch.nn.Linear)]
+    if quantized and unquantized:
+        # lorafusion train quantizes a targeted output layer for the jobs that target it; here it
+        # is one layer shared by every job, and quantizing it would change the jobs beside this one.
+        return [("target_modules", (
+            f"selects {', '.join(unquantized)}, which a service with model.quantize: nf4 keeps unquantized for "
+            "every job (quantizing it for this job would change the others); leave it out of target_modules"
+        ))]
     too_small = [
         f"{name} ({layer.in_features}x{layer.out_features})"
         for name in targets

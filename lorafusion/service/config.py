@@ -122,8 +122,6 @@ def parse_server_config(data: object, base_dir: Path) -> ServerConfig:
         problems += error.problems
     if training is not None and training.parallel.engine != "none":
         problems.append(("parallel.engine", f"{training.parallel.engine!r}: lorafusion serve trains in one process (engine: none)"))
-    if training is not None and training.model.quantize is not None:
-        problems.append(("model.quantize", "not supported by lorafusion serve"))
     if problems:
         raise ConfigError(problems)
     data_roots = tuple(Path(root).resolve() for root in server.data_roots)

@@ -12,7 +12,11 @@ windows hand it its global batches in order.
 Files under the state directory (besides store.py's database):
     checkpoints/<job>/step-<k>/stage-0-of-1.pt   the job's checkpoints (checkpoints.py)
     adapters/<job>/                              a finished job's adapter, PEFT format
-    base_model/                                  an inline base model, saved once
+    base_model/                                  an inline base model, saved once (unquantized)
+
+With model.quantize: nf4 the base model is quantized once at start, as `lorafusion train`
+quantizes it (every linear but the output layer, in NF4 with double quantization, blocks of 64);
+the quantization is a function of the weights alone, so a restart quantizes to the same bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from lorafusion.apply import quantize_linears
 from lorafusion.config import LoRAConfig
 from lorafusion.runtime.checkpoints import CheckpointStore
 from lorafusion.runtime.config import ConfigError, JobSpec
@@ -79,6 +84,8 @@ class ServiceTrainer(TrainingLoop):
                 f"the tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocab_size is "
                 f"{self.model.config.vocab_size}: set model.config.vocab_size >= {self.tokenizer.vocab_size}"
             )
+        if training.model.quantize is not None:  # before any adapter: jobs' adapters go on the NF4 layers
+            quantize_linears(self.model, training.backend)
         self.base_model_path = training.model.path or str(server.state_dir / "base_model")
         if training.model.path is None:
             save_inline_base_model(training.model, self.tokenizer, server.state_dir, keep_complete=True)
@@ -143,7 +150,7 @@ class ServiceTrainer(TrainingLoop):
             raise SubmissionError([("name", f"a job named {spec.name!r} was already submitted")], status=409)
         problems = []
         with self._model_lock:
-            problems += target_problems(self.model, self.lora_config(spec))
+            problems += target_problems(self.model, self.lora_config(spec), self.server.training.model.quantize is not None)
         samples = eval_samples = []
         try:
             samples, eval_samples = job_samples(spec, self.tokenizer, self.open_data)

@@ -4,13 +4,15 @@ bitsandbytes' Linear4bit, merge refused, export_merged, memory report, bad input
 
 from __future__ import annotations
 
+import copy
+
 import bitsandbytes as bnb
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from lorafusion.apply import apply_lora
+from lorafusion.apply import apply_lora, quantize_linears
 from lorafusion.config import LoRAConfig
 from lorafusion.kernels.nf4 import NF4Weight
 from lorafusion.modules import FusedLoRALinear
@@ -125,6 +127,27 @@ def test_apply_lora_quantizes_targets_and_optionally_the_other_linears():
     assert model.up.lora_A.grad is not None and x.grad is not None
     with pytest.raises(ValueError, match="quantize must be one of"):
         apply_lora(TinyMLP(), config, quantize="int8")
+
+
+def test_adapters_go_on_a_model_quantized_beforehand():
+    """quantize_linears first (as lorafusion serve does), adapters after: the same layers as
+    apply_lora(..., quantize="nf4", quantize_other_linears=True), on the NF4 weights as they are."""
+    torch.manual_seed(0)
+    source = TinyMLP()
+    config = LoRAConfig(r=4, lora_alpha=8, target_modules="all-linear", backend="torch")
+    together = apply_lora(copy.deepcopy(source), config, quantize="nf4", quantize_other_linears=True)
+    model = quantize_linears(copy.deepcopy(source), backend="torch")
+    assert isinstance(model.up, NF4Linear) and isinstance(model.down, NF4Linear) and type(model.lm_head) is nn.Linear
+    up_weight = model.up.weight
+    apply_lora(model, config)
+    assert model.up.weight is up_weight and model.up.quantized and model.down.quantized
+    assert type(model.lm_head) is nn.Linear  # all-linear leaves the output layer out
+    for name in ("up", "down"):
+        randomize_lora(getattr(model, name), seed=len(name))
+        randomize_lora(getattr(together, name), seed=len(name))
+        assert torch.equal(getattr(model, name).weight.packed, getattr(together, name).weight.packed)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(model(x), together(x), rtol=0, atol=0)
 
 
 def test_nf4_linear_gradient_uses_the_dequantized_weight():

@@ -30,6 +30,7 @@ SECRET = "not-long-enough"
         ({"token": SECRET}, "token", "must be a string of at least 16 characters"),
         ({"host": "0.0.0.0"}, "token", "required when host is not a loopback address (host: 0.0.0.0); or set LORAFUSION_TOKEN"),
         ({"scheduler": {"capacity": "96"}}, "scheduler.capacity", "must be an integer, got '96' (str)"),
+        ({"quantize": "int8"}, "model.quantize", "must be one of nf4; got 'int8' (str)"),
     ],
 )
 def test_each_bad_key_is_named(tmp_path: Path, monkeypatch, overrides: dict, key: str, reason: str | None) -> None:
@@ -40,6 +41,11 @@ def test_each_bad_key_is_named(tmp_path: Path, monkeypatch, overrides: dict, key
     if reason is not None:
         assert caught.value.problems[0][1] == reason
     assert SECRET not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_quantized_base_is_accepted(tmp_path: Path) -> None:
+    config = parse_server_config(server_dict(tmp_path, quantize="nf4"), tmp_path)
+    assert config.training.model.quantize == "nf4"
 
 
 def test_defaults_and_a_token_from_the_environment(tmp_path: Path, monkeypatch) -> None:

@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS logs (
     line TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_by_job ON logs (name, seq);
+CREATE TABLE IF NOT EXISTS base (      -- the base-model settings of the first start: jobs' checkpoints need them
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS metrics (   -- one row per optimizer step, as lorafusion train's metrics.jsonl
     name TEXT NOT NULL,
     step INTEGER NOT NULL,
@@ -182,6 +186,21 @@ class JobStore:
             "UPDATE jobs SET windows_waited = 0 WHERE windows_waited > 0", (),
             *(("UPDATE jobs SET windows_waited = ? WHERE name = ?", (count, name)) for name, count in counts.items() if count),
         )
+
+    def recorded_base(self, settings: dict[str, str]) -> dict[str, str]:
+        """The base-model settings this state directory was first served with: `settings`, recorded
+        now, if none were (a first start, or a state directory from before they were kept)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._db.execute("SELECT 1 FROM base LIMIT 1").fetchone() is None:
+                    self._db.executemany("INSERT INTO base (key, value) VALUES (?, ?)", settings.items())
+                rows = self._db.execute("SELECT key, value FROM base").fetchall()
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        return {row["key"]: row["value"] for row in rows}
 
     # ---- logs -----------------------------------------------------------------------------------
 

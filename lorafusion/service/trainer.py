@@ -21,6 +21,7 @@ the quantization is a function of the weights alone, so a restart quantizes to t
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class ServiceTrainer(TrainingLoop):
         training = server.training
         self.server, self.store = server, store
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        _check_same_base(server, store)
         self.tokenizer = load_tokenizer(training.tokenizer)
         self.model = build_base_model(training.model, self.device)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
@@ -347,6 +349,25 @@ class ServiceTrainer(TrainingLoop):
             self.store.log(job.name, f"the adapter is that of its best eval: step {evaluation.best_step}, eval_loss {evaluation.best_loss:.6f}")
         self._end(job.name, "finished", adapter_dir=str(target))
         return target
+
+
+def _check_same_base(server: ServerConfig, store: JobStore) -> None:
+    """A restart must serve the base its state directory's jobs were trained on: their checkpoints
+    (and an inline base_model/, kept as saved) would not fit another one. Raises ValueError naming
+    each changed key."""
+    training = server.training
+    settings = {
+        f"model.{key}": json.dumps(value, sort_keys=True, default=str)
+        for key, value in vars(training.model).items() if key != "gradient_checkpointing"  # how activations are kept
+    }
+    settings["tokenizer"] = json.dumps(training.tokenizer, default=str)
+    recorded = store.recorded_base(settings)
+    changed = [f"{key} is {value} but was {recorded[key]}" for key, value in settings.items() if recorded.get(key, value) != value]
+    if changed:
+        raise ValueError(
+            f"{server.state_dir} was served with another base model ({'; '.join(changed)}): its jobs' checkpoints "
+            "are of that one; serve it with those settings, or choose another state_dir"
+        )
 
 
 def _data_key(spec: JobSpec, path) -> str:

@@ -15,6 +15,7 @@ import transformers
 from torch import nn
 
 from lorafusion.adapter_loading import load_adapter
+from lorafusion.cli import main
 from lorafusion.apply import quantize_linears
 from lorafusion.lora_state import lora_modules, multi_lora_modules
 from lorafusion.qlora import NF4Linear, quantize_nf4
@@ -125,3 +126,20 @@ def test_kill_9_and_restart_of_a_quantized_service_loses_nothing(tmp_path):
         assert process.wait(timeout=60) == 0, log.read_text()[-3000:]
     assert any(line.startswith("resumed from its checkpoint at step") for line in logs), logs
     assert_adapters_close(service_adapter(tmp_path / "state", "rev"), alone_adapter(tmp_path, rev, **QUANTIZED))
+
+
+def test_a_restart_with_another_base_is_refused(tmp_path, capsys):
+    """Checkpoints trained on the unquantized base do not continue on the quantized one (nor the
+    reverse): a restart that changes the model section is one line naming each changed key."""
+    with RunningService(server_dict(tmp_path), tmp_path) as service:
+        service.client.submit(job_entry(tmp_path, "rev", max_steps=100))
+        wait_for(lambda: service.state("rev")["step"] >= 1, what="rev's first step")
+    (tmp_path / "server.yaml").write_text(json.dumps(server_dict(tmp_path, **QUANTIZED)))
+    capsys.readouterr()
+    assert main(["serve", str(tmp_path / "server.yaml"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        f"lorafusion serve: {tmp_path / 'state'} was served with another base model (model.quantize is \"nf4\" but "
+        "was null): its jobs' checkpoints are of that one; serve it with those settings, or choose another state_dir\n"
+    )
+    with RunningService(server_dict(tmp_path), tmp_path) as service:  # with its own settings it goes on
+        assert service.state("rev")["state"] in ("queued", "running")

@@ -98,12 +98,32 @@ class _WindowOptimizer(torch.optim.Optimizer):
         pass
 
 
+class _ForwardLink:
+    """Forwards between neighbouring stages outside DeepSpeed's schedules (the end of the run's
+    greedy decoding: see PipelineTrainer.adapter_forward). Stage s is rank s (one replica)."""
+
+    def __init__(self, trainer: DeepSpeedPipelineTrainer):
+        self.stage, self.last = trainer.stage_index, trainer.is_last_stage
+        self.dtype, self.device = trainer.pipeline_dtype, trainer.device
+
+    def recv_forward(self, shape):
+        if self.stage == 0:
+            return None
+        received = torch.empty(shape, dtype=self.dtype, device=self.device)
+        dist.recv(received, src=self.stage - 1)
+        return received
+
+    def send_forward(self, tensor):
+        if not self.last:
+            dist.send(tensor.contiguous(), dst=self.stage + 1)
+
+
 class DeepSpeedPipelineTrainer(PipelineTrainer):
     """PipelineTrainer whose execution is DeepSpeed's PipelineEngine, one train_batch() per window."""
 
     def __init__(self, config, stage_index: int, device=None, progress: bool = True, peer_watch=None):
         super().__init__(
-            config, link_factory=lambda trainer: None, stage_index=stage_index, device=device, progress=progress,
+            config, link_factory=_ForwardLink, stage_index=stage_index, device=device, progress=progress,
             peer_watch=peer_watch,
         )
         self.engine = None

@@ -40,11 +40,12 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
-from lorafusion.modules import multi_lora_batch
+from lorafusion.modules import MultiLoRABatch, multi_lora_batch
 from lorafusion.runtime.eval_loss import pack_eval_microbatch, summed_loss
 from lorafusion.runtime.job_state import JobRun
 from lorafusion.runtime.output_dir import PIPELINE_STATS_DIR, write_atomically
 from lorafusion.runtime.packing import per_token_loss
+from lorafusion.runtime.run_report import eval_accuracy, scores_exact_match
 from lorafusion.runtime.trainer import MultiJobTrainer, TrainResult
 from lorafusion.scheduler import Schedule
 
@@ -187,6 +188,43 @@ class PipelineTrainer(MultiJobTrainer):
         dist.all_reduce(totals)  # only the last stages' sums are not zero
         return {job.name: total / job.evaluation.target_tokens for job, total in zip(jobs, totals.tolist())}
 
+    # ---- exact-match accuracy: greedy decoding through the stages ---------------------------------
+
+    def _score_exact_match(self) -> None:
+        """The closing summary's exact-match accuracy of each finished job with eval_data, decoded
+        by every rank together at the end of the run (each replica's pipeline alike)."""
+        self._accuracies = {
+            name: eval_accuracy(self, name)
+            for name, job in self.jobs.items()
+            if scores_exact_match(job.spec) and job.status == "finished"
+        }
+
+    def exact_match_accuracy(self, name: str) -> float:
+        return self._accuracies[name]
+
+    def adapter_forward(self, name: str):
+        """Greedy decoding's forward through the stages: token ids [batch, tokens] go through every
+        stage under job `name`'s adapter, and the last stage's greedy next tokens are shared with the
+        pipeline's ranks, as one-hot logits [batch, 1, vocab] (greedy decoding reads only the last
+        position's argmax; sending the vocabulary's logits between ranks would cost far more)."""
+        vocab = self.model.config.vocab_size
+
+        def forward(ids: torch.Tensor) -> torch.Tensor:
+            batch, tokens = ids.shape
+            received = self.link.recv_forward((batch, tokens, self.hidden_size))
+            positions = torch.arange(tokens, device=self.device)[None]
+            with multi_lora_batch(self.model, MultiLoRABatch([name], [ids.numel()])):
+                output = self.stage(ids if received is None else received, positions, None)
+            chosen = torch.zeros(batch, dtype=torch.long, device=self.device)
+            if self.is_last_stage:
+                chosen = output[:, -1].argmax(dim=-1)
+            else:
+                self.link.send_forward(output)
+            dist.all_reduce(chosen, group=self.pipeline_group)  # only the last stage's are not zero
+            return torch.nn.functional.one_hot(chosen, vocab)[:, None].float()
+
+        return forward
+
     def _forward_only(self, microbatches: list[tuple[str, list]]) -> dict[str, float]:
         """(job, eval samples) microbatches forward through this stage, in order; on the last stage,
         each job's summed loss (eval_loss.summed_loss, as the single process sums it)."""
@@ -280,6 +318,7 @@ class PipelineTrainer(MultiJobTrainer):
         self._share_failures()
         if stop_after_microbatches is not None:
             return self._result(run, interrupted=True)
+        self._score_exact_match()
         if self.is_reporter:
             for job in self.jobs.values():
                 if job.status == "finished":

@@ -58,12 +58,18 @@ def published_eval_losses(output_dir: Path, jobs: dict) -> dict[str, float]:
     return found
 
 
+def scores_exact_match(spec) -> bool:
+    """Whether the closing summary gives the job's exact-match accuracy (see eval_accuracy)."""
+    return spec.eval_data is not None and spec.format == "prompt_completion"
+
+
 def eval_accuracy(trainer, name: str) -> float:
     """Exact-match accuracy of the job's adapter, greedy and stopping at the end-of-sequence
     token, on its eval_data (prompt_completion jobs; any dataset kind, under the job's columns): the
-    same completions `lorafusion eval` gives with the saved adapter."""
+    same completions `lorafusion eval` gives with the saved adapter. Decoded by the trainer's
+    adapter_forward (on a pipeline, every rank of it takes part)."""
     from .data_sources import read_records
-    from .evaluation import adapter_forward, exact_match, greedy_completions
+    from .evaluation import exact_match, greedy_completions
 
     spec = trainer.jobs[name].spec
     records = [record.fields for record in read_records(spec.eval_data, "prompt_completion", spec.columns)]
@@ -73,7 +79,7 @@ def eval_accuracy(trainer, name: str) -> float:
     was_training = trainer.model.training
     trainer.model.eval()
     try:
-        forward = adapter_forward(trainer.model, name)
+        forward = trainer.adapter_forward(name)
         completions = greedy_completions(forward, tokenizer, [r["prompt"] for r in records], longest, trainer.device)
     finally:
         trainer.model.train(was_training)
@@ -82,7 +88,7 @@ def eval_accuracy(trainer, name: str) -> float:
 
 def add_job_report(trainer, result) -> None:
     """Fill each job's first loss, truncated samples, tokens/s and (for finished jobs with
-    eval_data, where this process holds the whole model) eval accuracy into `result`."""
+    eval_data) eval accuracy into `result`."""
     first = first_losses(trainer.output_dir)
     evaluated = published_eval_losses(trainer.output_dir, trainer.jobs)
     for name, summary in result.jobs.items():
@@ -93,9 +99,8 @@ def add_job_report(trainer, result) -> None:
         summary.tokens_per_s = ran / max(result.elapsed_s, 1e-9)
         if job.status == "finished":
             summary.eval_loss = evaluated.get(name)
-        scored = job.spec.eval_data is not None and job.spec.format == "prompt_completion"
-        if scored and job.status == "finished" and trainer.num_stages == 1:
-            summary.eval_accuracy = eval_accuracy(trainer, name)
+        if scores_exact_match(job.spec) and job.status == "finished":
+            summary.eval_accuracy = trainer.exact_match_accuracy(name)
 
 
 def job_rows(result) -> list[str]:

@@ -58,7 +58,8 @@ from .output_dir import (
 from .planning import plan_microbatches
 from .progress import Progress, shows_summary
 from .run_directory import RUN_ENTRIES, RunDirectory, run_id_of
-from .run_report import add_job_report, job_rows, warn_truncated
+from .evaluation import adapter_forward
+from .run_report import add_job_report, eval_accuracy, job_rows, warn_truncated
 from .run_state import read_metrics, read_status, status_record, warn
 from .tokenizer import load_tokenizer
 from .training_loop import TrainingLoop
@@ -440,6 +441,14 @@ class MultiJobTrainer(TrainingLoop):
         self._progress.step(job.name, job.step, job.num_steps, job.last_loss, record["tokens_per_s"], job.step_eval_loss)
 
     # ---- reporting ------------------------------------------------------------------------------
+
+    def adapter_forward(self, name: str):
+        """The forward of the model under job `name`'s adapter (evaluation.Forward)."""
+        return adapter_forward(self.model, name)
+
+    def exact_match_accuracy(self, name: str) -> float:
+        """The closing summary's exact-match accuracy of a finished job (run_report.eval_accuracy)."""
+        return eval_accuracy(self, name)
 
     def _result(self, microbatches: int, interrupted: bool = False) -> TrainResult:
         summaries = {

@@ -1,6 +1,8 @@
 """Per-job evaluation on the pipeline engines (2 ranks under torchrun, gloo, CPU): the eval losses a
 pipelined run logs, reports and stops on equal the single process's on the same schedule, early
-stopping publishes the same best step's adapter, and a killed run resumes to the uninterrupted one."""
+stopping publishes the same best step's adapter, a killed run resumes to the uninterrupted one, and
+the closing summary's exact-match accuracy decodes through the stages to the single process's
+completions."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import yaml
 
 from engines.test_pipeline_training import assert_same_adapters, pipeline_config, torchrun
 from engines.test_resume_stop_points import WORKER, assert_bit_identical
+from lorafusion.runtime import evaluation
 from lorafusion.runtime.config import parse_config
 from lorafusion.runtime.trainer import MultiJobTrainer
 from lorafusion.scheduler import Schedule
@@ -22,6 +25,7 @@ from lorafusion.scheduler import Schedule
 pytestmark = pytest.mark.multiprocess
 
 ENGINES = ["megatron", "deepspeed"]
+EXACT_MATCH_WORKER = Path(__file__).with_name("exact_match_worker.py")
 
 
 def metrics(output_dir: Path) -> list[dict]:
@@ -123,3 +127,38 @@ def test_early_stopping_keeps_the_single_process_best_step_and_resumes_at_every_
     for stop in stops:
         assert eval_losses(tmp_path / "runs" / f"stop-{stop}") == found, stop
         assert_bit_identical(reference, tmp_path / "runs" / f"stop-{stop}", jobs=("add", "txt"))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_exact_match_accuracy_decodes_through_the_stages_as_the_single_process(tmp_path, engine, monkeypatch):
+    # "add" (prompt_completion) with eval_data: the closing summary's exact-match accuracy. Every rank
+    # decodes the prompts greedily together (the last stage's next tokens shared); the completions
+    # and the accuracy equal the single process's on the same schedule.
+    config = pipeline_config(tmp_path, engine, "piped")
+    held_out = tmp_path / "add_eval.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n" for a, b in ((3, 4), (12, 30), (7, 7), (45, 9), (1, 1), (20, 22))))
+    config["jobs"][0]["eval_data"] = str(held_out)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(EXACT_MATCH_WORKER), str(path), engine]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ranks = [json.loads((tmp_path / "piped" / f"exact_match-rank{rank}.json").read_text()) for rank in range(2)]
+
+    decoded: list[list[str]] = []
+    greedy_completions = evaluation.greedy_completions
+
+    def recording(*positional, **keywords):
+        decoded.append(greedy_completions(*positional, **keywords))
+        return decoded[-1]
+
+    monkeypatch.setattr(evaluation, "greedy_completions", recording)
+    data = {**config, "parallel": {"engine": "none"}, "output_dir": str(tmp_path / "single")}
+    schedule = Schedule.from_json_dict(json.loads((tmp_path / "piped" / "schedule.json").read_text()))
+    single = MultiJobTrainer(parse_config(data, tmp_path), progress=False).train(schedule=schedule)
+    assert len(decoded) == 1 and len(decoded[0]) == 6 and any(decoded[0])
+    assert ranks[0]["completions"] == ranks[1]["completions"] == decoded
+    assert ranks[1]["accuracies"]["add"] == single.jobs["add"].eval_accuracy is not None
+    assert ranks[1]["accuracies"]["rev"] is None  # no eval_data

@@ -187,20 +187,23 @@ class JobStore:
             *(("UPDATE jobs SET windows_waited = ? WHERE name = ?", (count, name)) for name, count in counts.items() if count),
         )
 
-    def recorded_base(self, settings: dict[str, str]) -> dict[str, str]:
-        """The base-model settings this state directory was first served with: `settings`, recorded
-        now, if none were (a first start, or a state directory from before they were kept)."""
+    def recorded_base(self) -> dict[str, str]:
+        """The base-model settings this state directory was first served with ({} before the first
+        start that loaded its base model, or in a state directory from before they were kept)."""
+        return {row["key"]: row["value"] for row in self._read("SELECT key, value FROM base")}
+
+    def record_base(self, settings: dict[str, str]) -> None:
+        """Keep `settings` as the state directory's base, unless one was kept already: called once
+        the base model was loaded with them (a start that failed before binds nothing)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 if self._db.execute("SELECT 1 FROM base LIMIT 1").fetchone() is None:
                     self._db.executemany("INSERT INTO base (key, value) VALUES (?, ?)", settings.items())
-                rows = self._db.execute("SELECT key, value FROM base").fetchall()
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-        return {row["key"]: row["value"] for row in rows}
 
     # ---- logs -----------------------------------------------------------------------------------
 

@@ -78,7 +78,7 @@ class ServiceTrainer(TrainingLoop):
         training = server.training
         self.server, self.store = server, store
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        _check_same_base(server, store)
+        base_settings = _check_same_base(server, store)
         self.tokenizer = load_tokenizer(training.tokenizer)
         self.model = build_base_model(training.model, self.device)
         if self.tokenizer.vocab_size > self.model.config.vocab_size:
@@ -88,6 +88,7 @@ class ServiceTrainer(TrainingLoop):
             )
         if training.model.quantize is not None:  # before any adapter: jobs' adapters go on the NF4 layers
             quantize_linears(self.model, training.backend)
+        store.record_base(base_settings)  # loaded: from now on its jobs' checkpoints and base_model/ need it
         self.base_model_path = training.model.path or str(server.state_dir / "base_model")
         if training.model.path is None:
             save_inline_base_model(training.model, self.tokenizer, server.state_dir, keep_complete=True)
@@ -351,23 +352,24 @@ class ServiceTrainer(TrainingLoop):
         return target
 
 
-def _check_same_base(server: ServerConfig, store: JobStore) -> None:
+def _check_same_base(server: ServerConfig, store: JobStore) -> dict[str, str]:
     """A restart must serve the base its state directory's jobs were trained on: their checkpoints
     (and an inline base_model/, kept as saved) would not fit another one. Raises ValueError naming
-    each changed key."""
+    each changed key; returns the settings to record once the base is loaded."""
     training = server.training
     settings = {
         f"model.{key}": json.dumps(value, sort_keys=True, default=str)
         for key, value in vars(training.model).items() if key != "gradient_checkpointing"  # how activations are kept
     }
     settings["tokenizer"] = json.dumps(training.tokenizer, default=str)
-    recorded = store.recorded_base(settings)
+    recorded = store.recorded_base()
     changed = [f"{key} is {value} but was {recorded[key]}" for key, value in settings.items() if recorded.get(key, value) != value]
     if changed:
         raise ValueError(
             f"{server.state_dir} was served with another base model ({'; '.join(changed)}): its jobs' checkpoints "
             "are of that one; serve it with those settings, or choose another state_dir"
         )
+    return settings
 
 
 def _data_key(spec: JobSpec, path) -> str:

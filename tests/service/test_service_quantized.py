@@ -143,3 +143,23 @@ def test_a_restart_with_another_base_is_refused(tmp_path, capsys):
     )
     with RunningService(server_dict(tmp_path), tmp_path) as service:  # with its own settings it goes on
         assert service.state("rev")["state"] in ("queued", "running")
+
+
+def test_a_first_start_that_failed_to_load_its_base_binds_no_settings(tmp_path, monkeypatch, capsys):
+    """A start that ends before its base model is loaded (out of memory, Ctrl-C, a bad checkpoint)
+    trained nothing: the next start, with other settings, is served, not refused as another base."""
+
+    def out_of_memory(*args, **kwargs):
+        raise ValueError("not enough memory for the base model")
+
+    (tmp_path / "server.yaml").write_text(json.dumps(server_dict(tmp_path)))
+    with monkeypatch.context() as patched:
+        patched.setattr("lorafusion.service.trainer.build_base_model", out_of_memory)
+        assert main(["serve", str(tmp_path / "server.yaml"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == "lorafusion serve: not enough memory for the base model\n"
+    with RunningService(server_dict(tmp_path, **QUANTIZED), tmp_path) as service:
+        service.client.submit(job_entry(tmp_path, "rev", max_steps=100))
+        wait_for(lambda: service.state("rev")["step"] >= 1, what="rev's first step")
+    (tmp_path / "server.yaml").write_text(json.dumps(server_dict(tmp_path)))  # the base it trained on is kept now
+    assert main(["serve", str(tmp_path / "server.yaml"), "--device", "cpu"]) == 2
+    assert "was served with another base model (model.quantize is null but was \"nf4\")" in capsys.readouterr().err

@@ -8,8 +8,8 @@ A job's `data` (and `eval_data`) is one of:
   state.json lists, read in batches of rows.
 
 Every file is opened through an `opener` (the service's opens only files under its data roots).
-Parquet and save_to_disk need the `data` extra (pyarrow; datasets writes save_to_disk
-directories), imported only when such a dataset is read. Records are yielded one at a time and
+Parquet and save_to_disk need the `data` extra (pyarrow; datasets, for a file it wrote, decodes
+the columns its features store encoded, e.g. Json), imported only when such a dataset is read. Records are yielded one at a time and
 tokenized as they come, so a dataset is never held in Python objects twice: a 1 GB JSONL is read
 once, and what stays is its samples.
 
@@ -116,9 +116,11 @@ def _read_parquet(path: Path, files: list[Path], fields: _Fields, opener: Opener
                 names = table.schema_arrow.names
             except (OSError, pyarrow.ArrowException) as error:
                 raise DataError(file, None, f"not a readable Parquet file ({error})") from None
-            batches = table.iter_batches(batch_size=BATCH_ROWS, columns=fields.check_columns(file, names))
+            wanted = fields.check_columns(file, names)
+            decode = _decoder(table.schema_arrow, wanted, file)
+            batches = table.iter_batches(batch_size=BATCH_ROWS, columns=wanted)
             for first_row, batch in _numbered(batches, file, pyarrow):
-                yield from _rows(file, first_row, batch.to_pydict(), fields)
+                yield from _rows(file, first_row, decode(batch.to_pydict()), fields)
                 rows += batch.num_rows
     if rows == 0:
         raise DataError(path, None, "no records (no rows)")
@@ -133,8 +135,8 @@ def _read_saved_dataset(path: Path, fields: _Fields, opener: Opener) -> Iterator
     try:
         with _opened(path / SAVE_TO_DISK_MARKER, opener) as handle:
             names = [entry["filename"] for entry in json.load(handle)["_data_files"]]
-        if not names or not all(isinstance(name, str) for name in names):
-            raise ValueError("no Arrow files listed")
+        if not all(isinstance(name, str) for name in names):  # (none: an empty dataset)
+            raise ValueError("Arrow file names must be strings")
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DataError(path, None, f"cannot load this save_to_disk directory ({SAVE_TO_DISK_MARKER}: {error!r})") from None
     rows = 0
@@ -146,11 +148,28 @@ def _read_saved_dataset(path: Path, fields: _Fields, opener: Opener) -> Iterator
             except (OSError, pyarrow.ArrowException) as error:
                 raise DataError(file, None, f"not a readable Arrow file ({error})") from None
             wanted = fields.check_columns(path, stream.schema.names)
+            decode = _decoder(stream.schema, wanted, file)
             for _, batch in _numbered(stream, file, pyarrow):
-                yield from _rows(path, rows, {column: batch.column(column).to_pylist() for column in wanted}, fields)
+                yield from _rows(path, rows, decode({column: batch.column(column).to_pylist() for column in wanted}), fields)
                 rows += batch.num_rows
     if rows == 0:
         raise DataError(path, None, "no records (no rows)")
+
+
+def _decoder(schema, columns: list[str], file: Path):
+    """What turns a batch's Arrow values (column -> list) into the values datasets gives for them: a
+    file datasets wrote records its features in the schema, and some are stored encoded (Json:
+    objects as JSON text, for conversations or tools of mixed types) and decoded when read."""
+    if not schema.metadata or b"huggingface" not in schema.metadata:
+        return lambda batch: batch
+    features_module = _import_data_extra("datasets.features.features", file, "a file written by datasets")
+    try:
+        features = features_module.Features.from_arrow_schema(schema)
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(file, None, f"cannot read the datasets features it records ({error!r}); a newer datasets may know them") from None
+    if not any(features_module.require_decoding(features[column]) for column in columns):
+        return lambda batch: batch
+    return features.decode_batch
 
 
 def _opened(file: Path, opener: Opener):

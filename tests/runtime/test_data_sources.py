@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lorafusion.runtime.data import DataError, load_samples
-from lorafusion.runtime.data_sources import data_digest
+from lorafusion.runtime.data_sources import data_digest, read_records
 from lorafusion.runtime.tokenizer import ByteTokenizer
 
 import datasets  # the `data` extra, part of `dev`: missing, these tests fail rather than skip
@@ -122,7 +122,7 @@ def test_dataset_directories_that_are_not_one_dataset(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("what", ["Parquet", "a save_to_disk directory"])
 def test_missing_data_extra_is_named(tmp_path: Path, monkeypatch, what: str) -> None:
-    # A save_to_disk directory's Arrow files are read with pyarrow alone (datasets is not needed).
+    # Without pyarrow neither is read (datasets, which decodes the features such files record, needs it too).
     hidden = "pyarrow"
     path = write_parquet(tmp_path / "d.parquet", renamed(RECORDS)) if what == "Parquet" else save_to_disk(tmp_path / "saved", renamed(RECORDS))
     for name in list(sys.modules):
@@ -154,3 +154,27 @@ def test_data_digest(tmp_path: Path) -> None:
     before = data_digest(saved)
     save_to_disk(tmp_path / "other", renamed(RECORDS[::-1]))
     assert data_digest(tmp_path / "other") != before and data_digest(saved) == before
+
+
+def test_columns_datasets_stores_as_json_text_are_read_as_the_jsonl_objects(tmp_path: Path) -> None:
+    # Values of mixed types (a message's content a string or a list of parts, tools of any JSON
+    # schema) are stored by datasets as JSON text (its Json feature) and decoded when it reads them.
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]
+    records = [
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "four"}], "tools": tools},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, {"role": "assistant", "content": "hello"}], "tools": []},
+    ]
+    dataset = datasets.Dataset.from_list(records, on_mixed_types="use_json")
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    dataset.to_parquet(str(tmp_path / "d.parquet"))
+    expected = [r.fields for r in read_records(write_jsonl(tmp_path / "d.jsonl", records), "messages")]
+    assert expected[1]["messages"][0]["content"] == [{"type": "text", "text": "hi"}]
+    for path in (tmp_path / "saved", tmp_path / "d.parquet"):
+        assert [r.fields for r in read_records(path, "messages")] == expected, path
+
+
+def test_an_empty_save_to_disk_dataset_has_no_records(tmp_path: Path) -> None:
+    datasets.Dataset.from_list(renamed(RECORDS)).select([]).save_to_disk(str(tmp_path / "empty"))  # no Arrow file at all
+    with pytest.raises(DataError) as caught:
+        load(tmp_path / "empty")
+    assert str(caught.value) == f"{tmp_path / 'empty'}: no records (no rows)"

@@ -8,10 +8,11 @@ A job's `data` (and `eval_data`) is one of:
   state.json lists, read in batches of rows.
 
 Every file is opened through an `opener` (the service's opens only files under its data roots).
-Parquet and save_to_disk need the `data` extra (pyarrow; datasets, for a file it wrote, decodes
-the columns its features store encoded, e.g. Json), imported only when such a dataset is read. Records are yielded one at a time and
-tokenized as they come, so a dataset is never held in Python objects twice: a 1 GB JSONL is read
-once, and what stays is its samples.
+Parquet and save_to_disk need the `data` extra (pyarrow; datasets writes save_to_disk
+directories), imported only when such a dataset is read. JSON text stored as Arrow's arrow.json
+type (datasets' Json feature) is read as the objects it holds, as datasets reads it. Records are
+yielded one at a time and tokenized as they come, so a dataset is never held in Python objects
+twice: a 1 GB JSONL is read once, and what stays is its samples.
 
 `columns` maps a format's field names to the dataset's own (`{"prompt": "question"}`); a record's
 fields reach the tokenizer under the format's names, and errors name the dataset's.
@@ -23,8 +24,9 @@ import hashlib
 import importlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from .data import (
     FIELDS_OF_FORMAT,
@@ -117,10 +119,10 @@ def _read_parquet(path: Path, files: list[Path], fields: _Fields, opener: Opener
             except (OSError, pyarrow.ArrowException) as error:
                 raise DataError(file, None, f"not a readable Parquet file ({error})") from None
             wanted = fields.check_columns(file, names)
-            decode = _decoder(table.schema_arrow, wanted, file)
+            decoders = _json_decoders(table.schema_arrow, wanted, pyarrow)
             batches = table.iter_batches(batch_size=BATCH_ROWS, columns=wanted)
             for first_row, batch in _numbered(batches, file, pyarrow):
-                yield from _rows(file, first_row, decode(batch.to_pydict()), fields)
+                yield from _rows(file, first_row, batch.to_pydict(), fields, decoders)
                 rows += batch.num_rows
     if rows == 0:
         raise DataError(path, None, "no records (no rows)")
@@ -148,28 +150,38 @@ def _read_saved_dataset(path: Path, fields: _Fields, opener: Opener) -> Iterator
             except (OSError, pyarrow.ArrowException) as error:
                 raise DataError(file, None, f"not a readable Arrow file ({error})") from None
             wanted = fields.check_columns(path, stream.schema.names)
-            decode = _decoder(stream.schema, wanted, file)
+            decoders = _json_decoders(stream.schema, wanted, pyarrow)
             for _, batch in _numbered(stream, file, pyarrow):
-                yield from _rows(path, rows, decode({column: batch.column(column).to_pylist() for column in wanted}), fields)
+                yield from _rows(path, rows, {column: batch.column(column).to_pylist() for column in wanted}, fields, decoders)
                 rows += batch.num_rows
     if rows == 0:
         raise DataError(path, None, "no records (no rows)")
 
 
-def _decoder(schema, columns: list[str], file: Path):
-    """What turns a batch's Arrow values (column -> list) into the values datasets gives for them: a
-    file datasets wrote records its features in the schema, and some are stored encoded (Json:
-    objects as JSON text, for conversations or tools of mixed types) and decoded when read."""
-    if not schema.metadata or b"huggingface" not in schema.metadata:
-        return lambda batch: batch
-    features_module = _import_data_extra("datasets.features.features", file, "a file written by datasets")
-    try:
-        features = features_module.Features.from_arrow_schema(schema)
-    except (ValueError, KeyError, TypeError) as error:
-        raise DataError(file, None, f"cannot read the datasets features it records ({error!r}); a newer datasets may know them") from None
-    if not any(features_module.require_decoding(features[column]) for column in columns):
-        return lambda batch: batch
-    return features.decode_batch
+def _json_decoders(schema, columns: list[str], pyarrow) -> dict[str, Callable[[Any], Any]]:
+    """For each of `columns` holding JSON text anywhere in its type (Arrow's arrow.json type, which
+    datasets' Json feature stores values of mixed types as: a message's content that is a string
+    here and a list of parts there, tools of any schema), what turns a value of it into the objects
+    the text holds, as datasets decodes them when it reads the column."""
+    decoders = {column: _json_decoder(schema.field(column).type, pyarrow) for column in columns}
+    return {column: decode for column, decode in decoders.items() if decode is not None}
+
+
+def _json_decoder(arrow_type, pyarrow) -> Callable[[Any], Any] | None:
+    """What parses the JSON text in a to_pylist value of `arrow_type`, or None if it holds none."""
+    if getattr(arrow_type, "extension_name", None) == "arrow.json":
+        return lambda value: None if value is None else json.loads(value)
+    types = pyarrow.types
+    if types.is_list(arrow_type) or types.is_large_list(arrow_type) or types.is_fixed_size_list(arrow_type):
+        item = _json_decoder(arrow_type.value_type, pyarrow)
+        return None if item is None else lambda value: None if value is None else [item(v) for v in value]
+    if types.is_struct(arrow_type):
+        members = [(f.name, _json_decoder(f.type, pyarrow)) for f in arrow_type]
+        members = [(name, decode) for name, decode in members if decode is not None]
+        if not members:
+            return None
+        return lambda value: None if value is None else {**value, **{name: decode(value[name]) for name, decode in members}}
+    return None
 
 
 def _opened(file: Path, opener: Opener):
@@ -191,10 +203,18 @@ def _numbered(batches, file: Path, pyarrow):
         raise DataError(file, None, f"cannot read row {first_row} onwards ({error})") from None
 
 
-def _rows(path: Path, first_row: int, batch: dict[str, list], fields: _Fields) -> Iterator[Record]:
+def _rows(
+    path: Path, first_row: int, batch: dict[str, list], fields: _Fields, decoders: Mapping[str, Callable[[Any], Any]]
+) -> Iterator[Record]:
     columns = list(batch)
     for offset, values in enumerate(zip(*batch.values())):
-        yield fields.record(path, first_row + offset, "row", dict(zip(columns, values)))
+        row, number = dict(zip(columns, values)), first_row + offset
+        for column, decode in decoders.items():
+            try:
+                row[column] = decode(row[column])
+            except ValueError as error:
+                raise DataError(path, number, f'field "{column}" holds JSON text that does not parse ({error})', "row") from None
+        yield fields.record(path, number, "row", row)
 
 
 def _import_data_extra(module: str, path: Path, what: str):

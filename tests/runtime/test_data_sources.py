@@ -122,7 +122,7 @@ def test_dataset_directories_that_are_not_one_dataset(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("what", ["Parquet", "a save_to_disk directory"])
 def test_missing_data_extra_is_named(tmp_path: Path, monkeypatch, what: str) -> None:
-    # Without pyarrow neither is read (datasets, which decodes the features such files record, needs it too).
+    # A save_to_disk directory's Arrow files are read with pyarrow alone (datasets is not needed).
     hidden = "pyarrow"
     path = write_parquet(tmp_path / "d.parquet", renamed(RECORDS)) if what == "Parquet" else save_to_disk(tmp_path / "saved", renamed(RECORDS))
     for name in list(sys.modules):
@@ -178,3 +178,16 @@ def test_an_empty_save_to_disk_dataset_has_no_records(tmp_path: Path) -> None:
     with pytest.raises(DataError) as caught:
         load(tmp_path / "empty")
     assert str(caught.value) == f"{tmp_path / 'empty'}: no records (no rows)"
+
+
+def test_json_text_that_does_not_parse_names_its_row(tmp_path: Path) -> None:
+    import pyarrow
+    import pyarrow.parquet
+
+    texts = pyarrow.array(['{"type": "function"}', "{not json"], type=pyarrow.string())
+    tools = pyarrow.ListArray.from_arrays([0, 1, 2], pyarrow.ExtensionArray.from_storage(pyarrow.json_(), texts))
+    messages = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]] * 2
+    pyarrow.parquet.write_table(pyarrow.table({"messages": messages, "tools": tools}), tmp_path / "d.parquet")
+    with pytest.raises(DataError) as caught:
+        list(read_records(tmp_path / "d.parquet", "messages"))
+    assert str(caught.value).startswith(f'{tmp_path / "d.parquet"}, row 1: field "tools" holds JSON text that does not parse (')

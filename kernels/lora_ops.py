@@ -4,6 +4,8 @@ regenerated from the seed) and "triton" (the Triton kernels); "cuda" is in cuda_
 
 from __future__ import annotations
 
+import torch
+
 from . import reference
 
 

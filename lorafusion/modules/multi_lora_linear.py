@@ -9,8 +9,8 @@ The base weight may be 4-bit NF4 (QLoRA, an `NF4Weight`): every adapter then tra
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -323,4 +323,29 @@ def multi_lora_batch(model: nn.Module, batch: MultiLoRABatch) -> Iterator[MultiL
         yield batch
     finally:
         for layer, before in zip(layers, previous):
+            layer._context_batch = before
+
+
+def checkpoint_context_fn(model: nn.Module) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:
+    """torch.utils.checkpoint's `context_fn` (use_reentrant=False) for gradient checkpointing of a
+    model holding MultiLoRALinear layers: a checkpointed block is run again in the backward pass,
+    after `multi_lora_batch` has ended, so the recomputation is given back the batch each layer
+    held when the block ran forward (and so the same segments and dropout masks)."""
+
+    def context_fn() -> tuple[AbstractContextManager, AbstractContextManager]:
+        held = [(layer, layer._context_batch) for layer in model.modules() if isinstance(layer, MultiLoRALinear)]
+        return nullcontext(), _batches_held(held)
+
+    return context_fn
+
+
+@contextmanager
+def _batches_held(held: list[tuple[MultiLoRALinear, MultiLoRABatch | None]]) -> Iterator[None]:
+    previous = [layer._context_batch for layer, _ in held]
+    for layer, batch in held:
+        layer._context_batch = batch
+    try:
+        yield
+    finally:
+        for (layer, _), before in zip(held, previous):
             layer._context_batch = before

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from lorafusion import models
+from lorafusion.modules.multi_lora_linear import checkpoint_context_fn
 
 from .attention import PACKED_ATTENTION
 from .config import ModelSpec
@@ -72,7 +73,10 @@ def build_base_model(spec: ModelSpec, device: torch.device | str = "cpu") -> tra
         model = model.to(dtype)
     model.config.use_cache = False
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Blocks are recomputed in the backward pass, outside multi_lora_batch: each gets its batch back.
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_context_fn(model)}
+        )
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     # from_pretrained returns a model in eval mode: training runs need dropout (the adapters' too).

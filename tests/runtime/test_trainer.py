@@ -94,6 +94,23 @@ def test_jobs_with_dropout_trained_together_equal_each_job_alone_on_its_own_plan
     assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(adapters(together, "add").values(), adapters(undropped, "add").values()))
 
 
+def test_gradient_checkpointing_trains_the_adapters_it_trains_without(tmp_path):
+    # The checkpointed decoder layers are run again in the backward pass, after multi_lora_batch
+    # has ended: they get their microbatch's batch back (segments and dropout masks).
+    def trained(output, gradient_checkpointing):
+        config = make_config(tmp_path, jobs=("add", "rev"), output=output, add=dict(lora_dropout=0.3, max_steps=3), rev=dict(max_steps=3))
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, gradient_checkpointing=gradient_checkpointing))
+        trainer = MultiJobTrainer(config, progress=False)
+        result = trainer.train()
+        assert all(job.status == "finished" for job in result.jobs.values()), result.jobs
+        return trainer
+
+    plain, checkpointed = trained("plain", False), trained("checkpointed", True)
+    assert checkpointed.model.model.layers[0].gradient_checkpointing
+    for job in ("add", "rev"):
+        assert_adapters_close(adapters(checkpointed, job), adapters(plain, job))
+
+
 def test_loss_falls_and_metrics_are_written(tmp_path):
     # The base is random: the adapter on lm_head is what can learn the answers' token distribution.
     targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]

@@ -294,12 +294,18 @@ class ServiceTrainer(TrainingLoop):
             self.publish_adapter(job)
 
     def _revalidate(self, entry: dict, digest: str) -> CheckedJob:
-        """An accepted job's check, its data read again after a restart."""
+        """An accepted job's check, its data read again after a restart: each of data and eval_data
+        that changed since it was accepted is named (job_data_digest joins their digests with '+')."""
         checked = self.validate(entry, new_name=False)
-        if checked.digest != digest:
-            spec = checked.spec
-            changed = spec.data if spec.eval_data is None else f"{spec.data} or {spec.eval_data}"
-            raise SubmissionError([("data", f"{changed} changed since the job was accepted")])
+        spec = checked.spec
+        before, now = digest.split("+"), checked.digest.split("+")
+        changed = [
+            (key, f"{getattr(spec, key)} changed since the job was accepted")
+            for index, key in enumerate(("data", "eval_data")[: len(now)])
+            if index >= len(before) or before[index] != now[index]
+        ]
+        if changed:
+            raise SubmissionError(changed)
         return checked
 
     def _cancel(self, job: JobRun) -> None:

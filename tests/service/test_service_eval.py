@@ -121,3 +121,24 @@ def test_an_evaluating_job_killed_and_restarted_has_the_eval_losses_of_training_
     assert_same_eval_losses(eval_losses(metrics), expected)
     assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
     assert_adapters_close(service_adapter(tmp_path / "state", "add"), adapter)
+
+
+def test_a_restart_names_the_file_of_an_accepted_job_that_changed(tmp_path):
+    """data or eval_data changed while the service was down: the job fails at the restart, naming
+    the key and the file that changed (not the other one)."""
+    held_out = tmp_path / "data" / "add_eval.jsonl"
+    add = job_entry(tmp_path, "add", eval_data=str(held_out), eval_every=2, max_steps=100)
+    held_out.write_text("".join((tmp_path / "data" / "add.jsonl").read_text().splitlines(keepends=True)[:5]))
+    rev = job_entry(tmp_path, "rev", max_steps=100)
+    with RunningService(server_dict(tmp_path, admission="all_live"), tmp_path, microbatch_delay_s=0.02) as service:
+        service.client.submit(add)
+        service.client.submit(rev)
+        wait_for(lambda: service.state("add")["step"] >= 1 and service.state("rev")["step"] >= 1, what="both jobs' first steps")
+    with held_out.open("a") as eval_file:
+        eval_file.write('{"prompt": "1+1=", "completion": "2"}\n')
+    with Path(rev["data"]).open("a") as data_file:
+        data_file.write('{"prompt": "abc", "completion": "cba"}\n')
+    with RunningService(server_dict(tmp_path, admission="all_live"), tmp_path) as service:
+        ended = service.wait_ended("add", "rev")
+    assert (ended["add"]["state"], ended["add"]["failure"]) == ("failed", f"eval_data: {held_out} changed since the job was accepted")
+    assert (ended["rev"]["state"], ended["rev"]["failure"]) == ("failed", f"data: {rev['data']} changed since the job was accepted")

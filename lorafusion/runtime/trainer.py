@@ -125,6 +125,12 @@ def save_inline_base_model(model_spec, tokenizer, root: Path, keep_complete: boo
     return target
 
 
+# How a job's dropout masks are drawn (TrainingLoop.pack: named by sample); recorded in the resume
+# fingerprint of jobs with dropout, so that a run checkpointed with masks drawn otherwise (by
+# microbatch row, before) is not silently continued with other masks.
+DROPOUT_MASKS = "named-by-sample"
+
+
 def _stable_text(value) -> str:
     """A setting as the fingerprint records it: mappings (an inline model config, a job's columns)
     with their keys sorted, so the same settings written in another key order (YAML dumpers sort
@@ -201,7 +207,11 @@ class MultiJobTrainer(TrainingLoop):
         pipeline layout; a resumed run with other ones plans again)."""
         return {
             "jobs": {
-                name: {"data": job_data_digest(job.spec), "spec": {k: _stable_text(v) for k, v in vars(job.spec).items()}}
+                name: {
+                    "data": job_data_digest(job.spec),
+                    "spec": {k: _stable_text(v) for k, v in vars(job.spec).items()},
+                    **({"dropout_masks": DROPOUT_MASKS} if job.spec.lora_dropout > 0 else {}),
+                }
                 for name, job in self.jobs.items()
             },
             # What the samples and the checkpoints' adapters were made with (all but how activations are kept).
@@ -229,6 +239,16 @@ class MultiJobTrainer(TrainingLoop):
         if saved is not None:
             saved_jobs = saved.get("fingerprint", {}).get("jobs", {})
             changed = sorted(name for name in set(saved_jobs) | set(fingerprint["jobs"]) if saved_jobs.get(name) != fingerprint["jobs"].get(name))
+            masks_only = [
+                name for name in changed
+                if {**saved_jobs.get(name, {}), "dropout_masks": None} == {**fingerprint["jobs"].get(name, {}), "dropout_masks": None}
+            ]
+            if masks_only:
+                raise ValueError(
+                    f"{path}: jobs {masks_only} were trained with dropout masks drawn by microbatch row (an earlier "
+                    "lorafusion); this one names them by sample, so resuming would match neither run: finish the run "
+                    "with the lorafusion that started it, or start a new output_dir"
+                )
             if changed:
                 raise ValueError(
                     f"{path} was planned for other jobs or data than this config describes (jobs {changed} differ); "

@@ -242,6 +242,20 @@ def test_resume_refuses_changed_job_data(tmp_path):
         MultiJobTrainer(config, progress=False).train(resume=True)
 
 
+def test_resume_refuses_a_run_whose_dropout_masks_were_drawn_by_row(tmp_path):
+    # A run checkpointed by a lorafusion that drew masks by microbatch row (its fingerprint has no
+    # dropout_masks) would continue with other masks: neither run. Jobs without dropout resume.
+    config = make_config(tmp_path, jobs=("add", "txt"))  # add has dropout, txt none
+    MultiJobTrainer(config, progress=False).train(stop_after_microbatches=2)
+    schedule_file = config.output_dir / "schedule.json"
+    saved = json.loads(schedule_file.read_text())
+    for job in saved["fingerprint"]["jobs"].values():
+        job.pop("dropout_masks", None)
+    schedule_file.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"jobs \['add'\] were trained with dropout masks drawn by microbatch row"):
+        MultiJobTrainer(config, progress=False).train(resume=True)
+
+
 def test_resume_refuses_another_base_model(tmp_path):
     # Another model.seed is another inline base model: its checkpoints' adapters were trained on the
     # first one (which base_model/ still holds), so continuing them would train neither run.

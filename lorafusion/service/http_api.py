@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import hmac
 import json
+import math
 import re
 import socket
 import sys
@@ -102,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":  # not parsed yet: answer with a status line anyway
             self.request_version = "HTTP/1.0"
         text = " ".join((message or self.responses.get(code, ("error",))[0]).split())
-        data = json.dumps({"error": text, "problems": []}).encode()
+        data = json_body({"error": text, "problems": []})
         self.close_connection = True
         self.send_response(code, message)
         self.send_header("Connection", "close")
@@ -136,7 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, body = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(error).__name__}: {error}", "problems": []}
         if not self._body_read and (self.headers.get("Content-Length", "0").strip() != "0" or "Transfer-Encoding" in self.headers):
             self.close_connection = True
-        data = json.dumps(body).encode()
+        data = json_body(body)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -222,6 +223,22 @@ def _existing(store, name: str) -> dict:
     if job is None:
         raise ApiError(HTTPStatus.NOT_FOUND, f"no job named {name!r}")
     return job
+
+
+def json_body(body: dict) -> bytes:
+    """An answer as strict JSON: a non-finite number (a diverged job's loss) is null, as JSON has
+    no NaN or Infinity and a browser's JSON.parse refuses Python's."""
+
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(body), allow_nan=False).encode()
 
 
 def _one_line(problems: list[tuple[str, str]]) -> str:

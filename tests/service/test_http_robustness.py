@@ -114,3 +114,15 @@ def test_a_client_gone_before_its_answer_prints_no_traceback(service, capsys):
     except KeyError:
         http.handle_error(None, ("127.0.0.1", 1))
     assert "KeyError: 'a bug'" in capsys.readouterr().err
+
+
+def test_answers_are_strict_json_even_for_a_non_finite_loss():
+    # A diverged job's loss or eval loss may be inf or NaN: JSON has neither (a browser's
+    # JSON.parse refuses Python's NaN/Infinity), so they are answered as null.
+    body = {"jobs": [{"name": "a", "loss": float("inf"), "eval_loss": float("nan"), "step": 3, "tokens_per_s": 1.5}]}
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    answer = json.loads(http_api.json_body(body), parse_constant=refuse)
+    assert answer == {"jobs": [{"name": "a", "loss": None, "eval_loss": None, "step": 3, "tokens_per_s": 1.5}]}

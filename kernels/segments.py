@@ -179,6 +179,15 @@ def sample_dropout_rows(
     return both[:total], both[total:]
 
 
+def _same_device(placed: torch.device, wanted: torch.device) -> bool:
+    """"cuda" names the current CUDA device: a table on it is on "cuda:<current>"."""
+    if placed.type != wanted.type:
+        return False
+    if wanted.index is None and placed.type == "cuda":
+        return placed.index == torch.cuda.current_device()
+    return wanted.index is None or placed.index == wanted.index
+
+
 def _dropout_rows(
     dropout_rows: tuple[torch.Tensor, torch.Tensor] | None, num_tokens: int, has_dropout: bool, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +198,7 @@ def _dropout_rows(
         return torch.arange(num_tokens, dtype=torch.int64, device=device), torch.zeros(num_tokens, dtype=torch.int64, device=device)
     positions, keys = dropout_rows
     for name, table in (("positions", positions), ("keys", keys)):
-        if table.dtype != torch.int64 or tuple(table.shape) != (num_tokens,) or table.device != device:
+        if table.dtype != torch.int64 or tuple(table.shape) != (num_tokens,) or not _same_device(table.device, device):
             raise ValueError(
                 f"dropout_rows {name} must be int64 [{num_tokens}] on {device}, got {table.dtype} "
                 f"{list(table.shape)} on {table.device}"

@@ -261,3 +261,13 @@ def test_a_sample_named_by_its_key_draws_the_same_dropout_wherever_it_is_packed(
     for order, (y0, dx0) in results.items():
         torch.testing.assert_close(y0, results[(0,)][0], rtol=1e-5, atol=1e-6, msg=str(order))
         torch.testing.assert_close(dx0, results[(0,)][1], rtol=1e-5, atol=1e-6, msg=str(order))
+
+
+def test_dropout_rows_must_cover_the_tokens_in_int64():
+    good = (torch.arange(10), torch.zeros(10, dtype=torch.int64))
+    meta = build_segment_meta([0], [10], [2], [1.0], [0.5], torch.device("cpu"), dropout_rows=good)
+    assert meta.dropout_key is good[1]
+    with pytest.raises(ValueError, match=r"dropout_rows positions must be int64 \[10\] on cpu, got torch.int32 \[10\]"):
+        build_segment_meta([0], [10], [2], [1.0], [0.5], "cpu", dropout_rows=(good[0].int(), good[1]))
+    with pytest.raises(ValueError, match=r"dropout_rows keys must be int64 \[10\] on cpu, got torch.int64 \[9\]"):
+        build_segment_meta([0], [10], [2], [1.0], [0.5], "cpu", dropout_rows=(good[0], good[1][:9]))

@@ -88,11 +88,15 @@ def test_two_stage_training_matches_single_process_and_resumes(tmp_path, engine)
         assert piped_losses[key] == pytest.approx(value, rel=1e-5), key
     assert_same_adapters(piped_dir, single_dir)
 
-    # Killed after a few microbatches, then resumed: the same final adapters.
-    killed = torchrun(pipeline_config(tmp_path, engine, "resumed"), tmp_path, 2, "--stop-after", "6")
+    # Killed after a few microbatches, then resumed: the same final adapters. This run checkpoints
+    # its decoder layers' activations (model.gradient_checkpointing): they are recomputed in the
+    # backward, after the forward's multi_lora_batch has ended, and must train the same adapters.
+    checkpointed = pipeline_config(tmp_path, engine, "resumed")
+    checkpointed["model"] = {**checkpointed["model"], "gradient_checkpointing": True}  # not the shared TINY_MODEL
+    killed = torchrun(checkpointed, tmp_path, 2, "--stop-after", "6")
     assert killed.returncode == 0, killed.stderr[-4000:]
     assert not (tmp_path / "resumed" / "add" / "adapter_model.safetensors").exists()
-    resumed = torchrun(pipeline_config(tmp_path, engine, "resumed"), tmp_path, 2, "--resume")
+    resumed = torchrun(checkpointed, tmp_path, 2, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert_same_adapters(piped_dir, tmp_path / "resumed")
 

@@ -1,16 +1,42 @@
 """torch.compile(fullgraph=True) traces the fused LoRA layer whole (its memory-bound ops are torch
-custom ops with fake implementations), with dropout on, and computes what eager mode does."""
+custom ops with fake implementations), with dropout on, and computes what eager mode does.
+
+Each test runs in a fresh interpreter: dynamo's tracing crashed (segfault in a fake-tensor op
+call) in CI workers where earlier tests had left Python threads running (tqdm's monitor, test
+servers); alone, in a process of its own, it traces as a user's script does."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from lorafusion.modules import FusedLoRALinear
 
+_CHILD = "LORAFUSION_COMPILE_TEST_CHILD"
+
+
+def ran_in_a_fresh_interpreter(request) -> bool:
+    """In the test worker: run this test alone in a new pytest process and check it passed (True).
+    In that process: False, and the test runs."""
+    if os.environ.get(_CHILD):
+        return False
+    root = Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", request.node.nodeid]
+    result = subprocess.run(command, cwd=root, env={**os.environ, _CHILD: "1"}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-4000:]}\n{result.stderr[-3000:]}"
+    assert "1 passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]
+    return True
+
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_fullgraph_compile_matches_eager(dropout):
+def test_fullgraph_compile_matches_eager(dropout, request):
+    if ran_in_a_fresh_interpreter(request):
+        return
     torch._dynamo.reset()
     layer = FusedLoRALinear(24, 16, r=4, lora_alpha=8, lora_dropout=dropout, bias=True, backend="torch")
     torch.nn.init.normal_(layer.lora_B)
@@ -32,7 +58,9 @@ def test_fullgraph_compile_matches_eager(dropout):
         assert not torch.equal(compiled(x), compiled(x))
 
 
-def test_fused_peft_model_compiles_fullgraph_with_dropout():
+def test_fused_peft_model_compiles_fullgraph_with_dropout(request):
+    if ran_in_a_fresh_interpreter(request):
+        return
     import peft
 
     from lorafusion import fuse_peft

@@ -194,7 +194,11 @@ class TrainingLoop:
 
     def conclude_step(self, job: JobRun) -> None:
         """Report the job's step (with its eval loss, if evaluated), then checkpoint it, or finish
-        the job at its last step or an early stop."""
+        the job at its last step or an early stop. A non-finite eval loss fails the job, as a
+        non-finite training loss does (its adapter diverged; early stopping would publish it)."""
+        if job.step_eval_loss is not None and not math.isfinite(job.step_eval_loss):
+            self.fail_job(job, f"non-finite eval loss ({job.step_eval_loss}) at step {job.step}")
+            return
         if self.is_reporter:
             self._log_step(job)
         job.batch_loss, job.batch_tokens = 0.0, 0

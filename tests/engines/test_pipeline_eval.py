@@ -162,3 +162,17 @@ def test_exact_match_accuracy_decodes_through_the_stages_as_the_single_process(t
     assert ranks[0]["completions"] == ranks[1]["completions"] == decoded
     assert ranks[1]["accuracies"]["add"] == single.jobs["add"].eval_accuracy is not None
     assert ranks[1]["accuracies"]["rev"] is None  # no eval_data
+
+
+def test_megatron_fails_a_job_whose_eval_loss_is_not_finite(tmp_path):
+    # As the single process does: the diverged job fails (not "finished" by early stopping with its
+    # diverged adapter published) on every stage at once, and the others go on.
+    config = pipeline_config(tmp_path, "megatron", "nan-eval")
+    config["jobs"][0].update(lr=1e30, lora_dropout=0.0, eval_fraction=0.25, eval_every=1, early_stopping_patience=1)
+    run = torchrun(config, tmp_path, 2)
+    assert run.returncode == 1, run.stderr[-4000:]  # a failed job makes the run's exit status 1
+    assert "job 'add' failed: non-finite eval loss (nan) at step 1" in run.stderr, run.stderr[-4000:]
+    out = tmp_path / "nan-eval"
+    assert json.loads((out / "add" / "status.json").read_text())["status"] == "failed"
+    assert not (out / "add" / "adapter_model.safetensors").exists()
+    assert all(json.loads((out / job / "status.json").read_text())["status"] == "finished" for job in ("rev", "txt"))

@@ -123,7 +123,7 @@ def test_loss_falls_and_metrics_are_written(tmp_path):
 
 
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
-    with_dropout = dict(add=dict(lora_dropout=0.3))  # masks are seeded by microbatch and layer, not RNG state
+    with_dropout = dict(add=dict(lora_dropout=0.3))  # masks are named by sample and layer, not drawn from RNG state
     uninterrupted = MultiJobTrainer(make_config(tmp_path, output="full", **with_dropout), progress=False)
     uninterrupted.train()
     killed = MultiJobTrainer(make_config(tmp_path, output="resumed", **with_dropout), progress=False)

@@ -273,3 +273,17 @@ def test_evaluating_jobs_resume_to_the_uninterrupted_run_at_every_stop_point(tmp
         for job in ("add", "txt"):
             published, wanted = saved_adapter(root / f"stop-{stop}" / job), saved_adapter(root / "reference" / job)
             assert all(torch.equal(published[key], wanted[key]) for key in wanted), (stop, job)
+
+
+def test_a_job_whose_eval_loss_is_not_finite_fails_instead_of_stopping_early(tmp_path: Path) -> None:
+    # lr 1e30 blows the adapter up at its first step: its eval loss is NaN before any training loss
+    # is. A NaN never improves, so early stopping alone would "finish" the job and publish the
+    # diverged adapter; it fails, as a non-finite training loss does, and the other job goes on.
+    diverging = {"eval_fraction": 0.2, "eval_every": 1, "early_stopping_patience": 1, "lr": 1e30, "max_steps": 6}
+    data = config_dict(tmp_path, jobs=("add", "txt"), add=diverging)
+    _, result = train(data, tmp_path)
+    add = result.jobs["add"]
+    assert add.status == "failed", (add.status, add.failure)
+    assert add.failure.startswith("non-finite eval loss (nan) at step 1"), add.failure
+    assert result.jobs["txt"].status == "finished"
+    assert not (Path(data["output_dir"]) / "add" / "adapter_model.safetensors").exists()

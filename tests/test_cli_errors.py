@@ -179,6 +179,7 @@ CASES = [
     ("train-not-utf8", lambda t: train_config(t, "model: \xff"), 2, ["config.yaml"]),
     ("train-duplicate-key", lambda t: train_yaml_with(t, "  lr: 0.01\n", "  lr: 0.01\n  lr: 0.02\n"), 2, ["config.yaml", "duplicate key 'lr'"]),
     ("train-lr-a-long-string", lambda t: train_config(t, lr="x" * 5000), 2, ["jobs[0].lr: must be a number, got '" + "x" * 56 + "... (str)"]),
+    ("train-lr-beyond-float32", lambda t: train_config(t, lr=1e39), 2, ["jobs[0].lr: must be <= 3.40282e+38, got 1e+39"]),
     ("train-max-steps-1e9", lambda t: train_config(t, max_steps="1e9"), 2, ["jobs[0].max_steps"]),
     ("train-max-steps-huge", lambda t: train_config(t, max_steps=10**9), 2, ["jobs[0].max_steps", "1000000000"]),
     ("train-epochs-1e9", lambda t: train_config(t, max_steps=None, epochs="1e9"), 2, ["jobs[0].epochs", "1e9"]),

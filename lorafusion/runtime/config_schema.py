@@ -78,7 +78,11 @@ Section = Annotated[T, BeforeValidator(without_nulls)]
 PositiveInt = Annotated[int, Strict(), Field(ge=1)]
 NonNegativeInt = Annotated[int, Strict(), Field(ge=0)]
 Seed = Annotated[int, Strict(), Field(ge=0, le=MAX_SEED)]
-Number = Annotated[float, Strict(), Field(allow_inf_nan=False), BeforeValidator(_float_from_string)]
+# Every number trains in float32 (an AdamW lr of 1e39 overflowed inside torch), so it must be one.
+FLOAT32_MAX = 3.4028234663852886e38
+Number = Annotated[
+    float, Strict(), Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX), BeforeValidator(_float_from_string)
+]
 PositiveNumber = Annotated[Number, Field(gt=0)]
 NonNegativeNumber = Annotated[Number, Field(ge=0)]
 Flag = Annotated[bool, Strict()]

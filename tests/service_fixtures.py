@@ -3,6 +3,7 @@ process (a thread trains, the HTTP server answers on a free port) and driven ove
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -15,11 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from lorafusion.runtime.config import parse_config
+from lorafusion.runtime.data import Sample
+from lorafusion.runtime.job_state import JobRun
 from lorafusion.runtime.trainer import MultiJobTrainer
 from lorafusion.service.client import ServiceClient
 from lorafusion.service.config import parse_server_config
 from lorafusion.service.server import Service
-from training_fixtures import TINY_MODEL, config_dict
+from training_fixtures import TINY_MODEL, config_dict, make_config
 
 
 def tiny_model(quantize: str | None = None) -> dict:
@@ -168,3 +171,17 @@ def kill_9(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGKILL)
     process.wait()
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 30, "the planner worker to end")
+
+
+def window_jobs(tmp_path: Path) -> dict[str, JobRun]:
+    """Two prepared jobs for planning-window tests: add, 30 samples of 3-9 tokens in batches of 8
+    (4 steps); rev, 17 in batches of 6 (3 steps)."""
+    specs = make_config(tmp_path, jobs=("add", "rev")).jobs
+    runs = {}
+    for spec, count in zip(specs, (30, 17)):
+        run = JobRun(dataclasses.replace(spec, max_steps=None, epochs=1.0), samples=[
+            Sample(i + 1, tuple(range(3 + i % 7)), (-100, *range(1, 3 + i % 7))) for i in range(count)
+        ])  # fmt: skip
+        run.prepare({})
+        runs[spec.name] = run
+    return runs

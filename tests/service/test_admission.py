@@ -5,13 +5,10 @@ keeps its wait counts in the job store across a restart."""
 
 from __future__ import annotations
 
-import dataclasses
 import sqlite3
 
 import pytest
 
-from lorafusion.runtime.data import Sample
-from lorafusion.runtime.job_state import JobRun
 from lorafusion.service.admission import WindowAdmission
 from lorafusion.service.store import JobStore
 from lorafusion.service.windows import following_window, window_of
@@ -23,21 +20,8 @@ from service_fixtures import (
     server_dict,
     service_adapter,
     wait_for,
+    window_jobs,
 )
-from training_fixtures import make_config
-
-
-def jobs(tmp_path) -> dict[str, JobRun]:
-    """add: 30 samples of 3-9 tokens in batches of 8 (4 steps); rev: 17 in batches of 6 (3 steps)."""
-    specs = make_config(tmp_path, jobs=("add", "rev")).jobs
-    runs = {}
-    for spec, count in zip(specs, (30, 17)):
-        run = JobRun(dataclasses.replace(spec, max_steps=None, epochs=1.0), samples=[
-            Sample(i + 1, tuple(range(3 + i % 7)), (-100, *range(1, 3 + i % 7))) for i in range(count)
-        ])  # fmt: skip
-        run.prepare({})
-        runs[spec.name] = run
-    return runs
 
 
 def windows_until_done(runs, admission: WindowAdmission, window_batches: int = 2) -> list[tuple[str, ...]]:
@@ -56,7 +40,7 @@ def windows_until_done(runs, admission: WindowAdmission, window_batches: int = 2
 
 
 def test_the_job_with_the_fewest_tokens_left_trains_first_and_all_live_trains_every_job(tmp_path):
-    runs = jobs(tmp_path)
+    runs = window_jobs(tmp_path)
     size_aware = WindowAdmission("size_aware", capacity=40, window_batches=2, max_wait_windows=64)
     for name, run in runs.items():
         lengths = [len(run.sample_at(i).input_ids) for i in range(len(run.order))]
@@ -66,13 +50,13 @@ def test_the_job_with_the_fewest_tokens_left_trains_first_and_all_live_trains_ev
     assert windows_until_done(runs, size_aware) == [("rev",), ("rev",), ("add",), ("add",)]
     assert size_aware.waited == {"add": 0}  # rev ended; add had waited 2 windows, then trained
 
-    runs = jobs(tmp_path)
+    runs = window_jobs(tmp_path)
     all_live = WindowAdmission("all_live", capacity=40, window_batches=2, max_wait_windows=64)
     assert windows_until_done(runs, all_live) == [("add", "rev"), ("add", "rev")]
 
 
 def test_no_job_is_left_out_more_than_max_wait_windows_in_a_row(tmp_path):
-    runs = jobs(tmp_path)
+    runs = window_jobs(tmp_path)
     runs["add"].step = 2  # add now has fewer tokens left than rev: rev is the long one
     admission = WindowAdmission("size_aware", capacity=40, window_batches=1, max_wait_windows=1)
     assert admission.tokens_from(runs["add"], 2) < admission.tokens_from(runs["rev"], 0)

@@ -3,29 +3,13 @@ the job's own global batches and positions in its training order."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from lorafusion.runtime.config import SchedulerSpec
-from lorafusion.runtime.data import Sample
-from lorafusion.runtime.job_state import JobRun
 from lorafusion.service.windows import following_window, plan_window, window_of
-from training_fixtures import make_config
-
-
-def jobs(tmp_path) -> dict[str, JobRun]:
-    specs = make_config(tmp_path, jobs=("add", "rev")).jobs
-    runs = {}
-    for spec, count in zip(specs, (30, 17)):
-        run = JobRun(dataclasses.replace(spec, max_steps=None, epochs=1.0), samples=[
-            Sample(i + 1, tuple(range(3 + i % 7)), (-100, *range(1, 3 + i % 7))) for i in range(count)
-        ])
-        run.prepare({})
-        runs[spec.name] = run
-    return runs
+from service_fixtures import window_jobs
 
 
 def test_a_window_covers_each_running_jobs_next_batches_and_maps_back_to_them(tmp_path):
-    runs = jobs(tmp_path)  # add: 30 samples in batches of 8 (4 steps); rev: 17 in batches of 6 (3 steps)
+    runs = window_jobs(tmp_path)  # add: 30 samples in batches of 8 (4 steps); rev: 17 in batches of 6 (3 steps)
     runs["add"].step = 1
     window = window_of(runs, 2)
     assert [(w.name, w.first_batch, w.end_batch) for w in window] == [("add", 1, 3), ("rev", 0, 2)]
@@ -56,7 +40,7 @@ def test_a_planner_worker_that_dies_is_replaced(tmp_path):
     from lorafusion.service.windows import WindowPlanner
 
     spec = SchedulerSpec(capacity=40, solver="greedy")
-    window, planner = window_of(jobs(tmp_path), 2), WindowPlanner(spec)
+    window, planner = window_of(window_jobs(tmp_path), 2), WindowPlanner(spec)
     try:
         assert planner.plan(window) == plan_window(window, spec)
         for pid in list(planner._executor._processes):

@@ -143,10 +143,8 @@ def is_loopback(host: str) -> bool:
 def parse_job(entry: object, server: ServerConfig) -> JobSpec:
     """A submitted job (one entry of a training config's `jobs` list; paths absolute), checked by the
     training config's parser against the server's sections. Raises ConfigError with every problem,
-    key paths relative to the job ("lr", "target_modules", ...)."""
-    problems = data_root_problems(entry, server.data_roots)
-    if problems:  # checked before anything reads the path (not even whether it exists)
-        raise ConfigError(problems)
+    key paths relative to the job ("lr", "target_modules", ...). The caller checks
+    data_root_problems first (ServiceTrainer.validate): the parser reads the paths."""
     training = server.training
     sections = {
         "model": _model_section(training),

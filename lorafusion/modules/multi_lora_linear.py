@@ -315,15 +315,10 @@ def multi_lora_batch(model: nn.Module, batch: MultiLoRABatch) -> Iterator[MultiL
     unknown = [n for n in batch.adapters_with_tokens() if n not in known]
     if unknown:
         raise ValueError(f"unknown adapter(s) {unknown} in the batch; the model holds {sorted(known)}")
-    previous = [layer._context_batch for layer in layers]
     for layer in layers:
         layer.segment_meta(batch)
-        layer._context_batch = batch
-    try:
+    with _batches_held([(layer, batch) for layer in layers]):
         yield batch
-    finally:
-        for layer, before in zip(layers, previous):
-            layer._context_batch = before
 
 
 def checkpoint_context_fn(model: nn.Module) -> Callable[[], tuple[AbstractContextManager, AbstractContextManager]]:

@@ -217,8 +217,11 @@ class JobRun:
     def hold_best_adapter(self) -> None:
         """A finished job under early stopping keeps the adapter of its best eval, in the model too
         (what the closing summary's accuracy then scores is what it publishes)."""
-        if self.evaluation is None or self.evaluation.best_parameters is None:
-            return
+        if self.evaluation is not None and self.evaluation.best_parameters is not None:
+            self.load_adapter(self.evaluation.best_parameters)
+
+    def load_adapter(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy `weights` (by PEFT key; a superset of this stage's) into the job's adapter parameters."""
         with torch.no_grad():
             for key, parameter in self.named_parameters.items():
-                parameter.copy_(self.evaluation.best_parameters[key])
+                parameter.copy_(weights[key])

@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from lorafusion.adapters import WEIGHTS_FILE
+from lorafusion.adapters import read_adapter_weights
 from lorafusion.apply import apply_multi_lora
 from lorafusion.lora_state import get_multi_lora_configs
 from lorafusion.scheduler import Job, Schedule
@@ -302,17 +301,10 @@ class MultiJobTrainer(TrainingLoop):
             job.tokens_seen = status["tokens_seen"]
             job.last_loss = math.nan if status.get("last_loss") is None else float(status["last_loss"])
             job.remaining = [0] * job.num_steps
-            self._load_published_adapter(job)
+            # Into the model: the closing summary scores (eval_data accuracy) what was published, not an untrained adapter.
+            job.load_adapter(read_adapter_weights(self.output_dir / job.name))
             return
         self.checkpoints.restore(job)
-
-    def _load_published_adapter(self, job: JobRun) -> None:
-        """The adapter this run published for a finished job, into the model: the closing summary
-        scores (eval_data accuracy) what was published, not an untrained adapter."""
-        weights = load_file(self.output_dir / job.name / WEIGHTS_FILE)
-        with torch.no_grad():
-            for key, parameter in job.named_parameters.items():
-                parameter.copy_(weights[key])
 
     def publish_adapter(self, job: JobRun) -> Path:
         """Write the job's final adapter (PEFT format) to output_dir/<job>, assembled from the

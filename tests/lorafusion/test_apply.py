@@ -125,4 +125,3 @@ def test_all_linear_is_refused_where_peft_would_adapt_other_modules():
     ))
     with pytest.raises(ValueError, match="LlamaForSequenceClassification: PEFT leaves the classification head out"):
         apply_lora(classifier, LoRAConfig(r=2, target_modules="all-linear"))
-

@@ -13,7 +13,7 @@ from lorafusion.kernels import lora_linear_reference, torch_keep_mask
 from lorafusion.kernels.keep_mask import triton_keep_mask
 from lorafusion.kernels.lora_linear import fused_lora_linear
 from lorafusion.kernels.multi_lora_linear import fused_multi_lora_linear
-from lorafusion.kernels.segments import build_segment_meta
+from lorafusion.kernels.segments import build_segment_meta, sample_dropout_rows
 from lorafusion.kernels.utils import new_dropout_seed
 
 DROPOUT_SEED = 321
@@ -216,8 +216,6 @@ def test_keyed_masks_are_the_same_bits_in_triton_and_torch(rows, cols):
 def _packed(samples, order, ranks, scalings, dropout_ps):
     """The metadata of `samples` (adapter, length, key) packed in `order`, each token named by its
     sample's key and its position in the sample."""
-    from lorafusion.kernels.segments import sample_dropout_rows
-
     chosen = [samples[i] for i in order]
     rows = sample_dropout_rows([key for _, _, key in chosen], [length for _, length, _ in chosen], "cpu")
     return build_segment_meta(

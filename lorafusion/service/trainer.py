@@ -228,8 +228,9 @@ class ServiceTrainer(TrainingLoop):
             refs = self.live_refs(microbatch)
             if refs:
                 self._run_microbatch(position, refs)
-            if changed or self._stopped_in(window) != stopped:
-                stopped = self._stopped_in(window)
+            now_stopped = self._stopped_in(window)
+            if changed or now_stopped != stopped:
+                stopped = now_stopped
                 self._planner.plan_ahead(self._following(window))
         self._retire_ended()
 

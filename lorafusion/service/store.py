@@ -8,10 +8,12 @@ microbatches, so a kill between the two still ends with the job cancelled."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 DATABASE_FILE = "state.sqlite"
@@ -92,17 +94,23 @@ class JobStore:
         with self._lock:
             self._db.close()
 
-    def _write(self, statement: str, parameters: tuple = (), *more: tuple[str, tuple]) -> None:
-        """Run the statement (and `more` (statement, parameters) pairs) as one committed transaction."""
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection, inside one transaction committed on leaving (rolled back on an error)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for each, values in ((statement, parameters), *more):
-                    self._db.execute(each, values)
+                yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+
+    def _write(self, statement: str, parameters: tuple = (), *more: tuple[str, tuple]) -> None:
+        """Run the statement (and `more` (statement, parameters) pairs) as one committed transaction."""
+        with self._transaction() as db:
+            for each, values in ((statement, parameters), *more):
+                db.execute(each, values)
 
     def _read(self, statement: str, parameters: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -195,15 +203,9 @@ class JobStore:
     def record_base(self, settings: dict[str, str]) -> None:
         """Keep `settings` as the state directory's base, unless one was kept already: called once
         the base model was loaded with them (a start that failed before binds nothing)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if self._db.execute("SELECT 1 FROM base LIMIT 1").fetchone() is None:
-                    self._db.executemany("INSERT INTO base (key, value) VALUES (?, ?)", settings.items())
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM base LIMIT 1").fetchone() is None:
+                db.executemany("INSERT INTO base (key, value) VALUES (?, ?)", settings.items())
 
     # ---- logs -----------------------------------------------------------------------------------
 

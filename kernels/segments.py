@@ -73,15 +73,17 @@ class SegmentMeta:
 
 
 def _to_device(tables: list[list], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-    """The tables as tensors on `device`, in one host-to-device copy that does not wait for the GPU
-    (from pinned memory, non-blocking): the batch's metadata is built while the previous
-    microbatch still runs."""
+    """The tables as tensors on `device`, in one host-to-device copy (see _copy_without_waiting)."""
     flat = torch.tensor([value for table in tables for value in table], dtype=dtype)
+    return list(_copy_without_waiting(flat, device).split([len(table) for table in tables]))
+
+
+def _copy_without_waiting(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on `device` in one copy that does not wait for the GPU (from pinned memory,
+    non-blocking): the batch's metadata is built while the previous microbatch still runs."""
     if device.type == "cuda":
-        flat = flat.pin_memory().to(device, non_blocking=True)
-    else:
-        flat = flat.to(device)
-    return list(flat.split([len(table) for table in tables]))
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def build_segment_meta(
@@ -165,7 +167,7 @@ def sample_dropout_rows(
     sample_keys: list[int], sample_lengths: list[int], device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """build_segment_meta's dropout_rows for consecutive samples: each token named by its sample's
-    key and its position in the sample. Copied to the device as _to_device copies (no wait)."""
+    key and its position in the sample."""
     if len(sample_keys) != len(sample_lengths):
         raise ValueError(f"sample_keys and sample_lengths must have the same length, got {len(sample_keys)} and {len(sample_lengths)}")
     lengths = torch.tensor(sample_lengths, dtype=torch.int64)
@@ -173,9 +175,7 @@ def sample_dropout_rows(
     total = int(lengths.sum())
     positions = torch.arange(total, dtype=torch.int64) - torch.repeat_interleave(starts, lengths)
     keys = torch.repeat_interleave(torch.tensor(sample_keys, dtype=torch.int64), lengths)
-    both = torch.cat([positions, keys])
-    device = torch.device(device)
-    both = both.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else both.to(device)
+    both = _copy_without_waiting(torch.cat([positions, keys]), torch.device(device))
     return both[:total], both[total:]
 
 

@@ -22,6 +22,7 @@ from lorafusion.runtime.trainer import MultiJobTrainer
 from lorafusion.service.client import ServiceClient
 from lorafusion.service.config import parse_server_config
 from lorafusion.service.server import Service
+from lorafusion.service.store import TERMINAL_STATES
 from training_fixtures import TINY_MODEL, config_dict, make_config
 
 
@@ -114,8 +115,7 @@ class RunningService:
         return self.client.job(name)
 
     def wait_ended(self, *names: str, timeout_s: float = 120.0) -> dict[str, dict]:
-        ended = ("finished", "failed", "cancelled")
-        wait_for(lambda: all(self.state(n)["state"] in ended for n in names), timeout_s, f"jobs {names} to end")
+        wait_for(lambda: all(self.state(n)["state"] in TERMINAL_STATES for n in names), timeout_s, f"jobs {names} to end")
         return {n: self.state(n) for n in names}
 
     def __exit__(self, *exc_info) -> None:

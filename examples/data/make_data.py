@@ -21,8 +21,8 @@ EVAL_RECORDS = 200
 def addition(rng: random.Random) -> list[dict]:
     """Every sum of a three-digit number and a digit (9000 of them; 8800 trained on, each seen about
     three times). With the 1000 sums of a number below 100 and a digit, 800 of them trained on, the
-    adapter learnt the training sums by heart in our trials (87% exact) and got 35% of unseen ones
-    right; with more sums than it can memorise, it learns to add and carry instead."""
+    adapter learnt the training sums by heart in our trials and got few unseen ones right; with more
+    sums than it can memorise, it learns to add and carry instead."""
     pairs = [(a, b) for a in range(100, 1000) for b in range(10)]
     rng.shuffle(pairs)
     return [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in pairs]

@@ -257,6 +257,19 @@ def adapter_init_generator(seed: int, module_name: str) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{module_name}".encode()))
 
 
+def to_multi_lora_linear(model: nn.Module, module_name: str, **layer_options) -> MultiLoRALinear:
+    """Replace the nn.Linear `module_name` of `model` by a MultiLoRALinear sharing its weight (no
+    adapters yet; `layer_options` as MultiLoRALinear's), in its train/eval mode, its dropout masks
+    seeded by its name; returns it."""
+    linear = model.get_submodule(module_name)
+    layer = MultiLoRALinear(linear, **layer_options)
+    layer.train(linear.training)
+    layer.dropout_seed_offset = zlib.crc32(module_name.encode())
+    parent_name, _, child_name = module_name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child_name, layer)
+    return layer
+
+
 def apply_multi_lora(
     model: nn.Module,
     configs: dict[str, LoRAConfig],
@@ -297,17 +310,12 @@ def apply_multi_lora(
     targets = {name: find_target_modules(model, config.target_modules) for name, config in configs.items()}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    layers: dict[str, MultiLoRALinear] = {}
-    for module_name in dict.fromkeys(n for names in targets.values() for n in names):
-        linear = model.get_submodule(module_name)
-        layer = MultiLoRALinear(
-            linear, backend=backends[0], quantize=quantize, double_quant=double_quant, blocksize=blocksize
+    layers = {
+        module_name: to_multi_lora_linear(
+            model, module_name, backend=backends[0], quantize=quantize, double_quant=double_quant, blocksize=blocksize
         )
-        layer.train(linear.training)
-        layer.dropout_seed_offset = zlib.crc32(module_name.encode())
-        parent_name, _, child_name = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, layer)
-        layers[module_name] = layer
+        for module_name in dict.fromkeys(n for names in targets.values() for n in names)
+    }
     if quantize_other_linears:
         quantize_linears(model, backends[0], blocksize, double_quant)
     for adapter, config in configs.items():

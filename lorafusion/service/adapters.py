@@ -8,11 +8,9 @@ its layers are NF4Linear, and an adapter goes on top of the NF4 weight as it is,
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
-from lorafusion.apply import adapter_init_generator, find_target_modules
+from lorafusion.apply import adapter_init_generator, find_target_modules, to_multi_lora_linear
 from lorafusion.lora_state import multi_lora_modules
 from lorafusion.config import LoRAConfig
 from lorafusion.modules import MultiLoRALinear
@@ -51,11 +49,7 @@ def add_adapter(model: torch.nn.Module, name: str, config: LoRAConfig, seed: int
     for module_name in find_target_modules(model, config.target_modules):
         layer = model.get_submodule(module_name)
         if not isinstance(layer, MultiLoRALinear):
-            linear, layer = layer, MultiLoRALinear(layer, backend=config.backend)
-            layer.train(linear.training)
-            layer.dropout_seed_offset = zlib.crc32(module_name.encode())  # as apply_multi_lora sets it
-            parent_name, _, child_name = module_name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, layer)
+            layer = to_multi_lora_linear(model, module_name, backend=config.backend)
         layer.add_adapter(
             name,
             r=config.r,

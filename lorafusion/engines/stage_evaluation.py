@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from lorafusion.modules import MultiLoRABatch, multi_lora_batch
-from lorafusion.runtime.eval_loss import pack_eval_microbatch, summed_loss
+from lorafusion.runtime.eval_loss import evaluating, pack_eval_microbatch, summed_loss
 from lorafusion.runtime.job_state import JobRun
 from lorafusion.runtime.run_report import eval_accuracy, scores_exact_match
 
@@ -55,13 +55,8 @@ class StageEvaluation:
     def _eval_losses(self, jobs: list[JobRun]) -> dict[str, float]:
         """Each job's eval loss, the same on every rank."""
         microbatches = [(job.name, samples) for job in jobs for samples in job.evaluation.microbatches]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                sums = self._forward_only(microbatches[self.replica_index :: self.num_replicas])
-        finally:
-            self.model.train(was_training)
+        with evaluating(self.model):
+            sums = self._forward_only(microbatches[self.replica_index :: self.num_replicas])
         totals = torch.tensor([sums.get(job.name, 0.0) for job in jobs], dtype=torch.float64, device=self.device)
         dist.all_reduce(totals)  # only the last stages' sums are not zero
         return {job.name: total / job.evaluation.target_tokens for job, total in zip(jobs, totals.tolist())}

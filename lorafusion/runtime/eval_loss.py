@@ -10,12 +10,14 @@ the adapter it publishes is the one of its best eval (also when it runs to its l
 
 A single process scores the samples here (`eval_loss`); the pipeline engines run the same packed
 microbatches forward through their stages once every stage has stepped the job, and share the
-summed losses (engines/pipeline.py), so every stage records the same evals and stops together.
+summed losses (engines/stage_evaluation.py), so every stage records the same evals and stops together.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -91,21 +93,28 @@ def target_tokens(microbatches: list[list[Sample]]) -> int:
     return sum(sample.num_target_tokens for samples in microbatches for sample in samples)
 
 
+@contextmanager
+def evaluating(model) -> Iterator[None]:
+    """The model in eval mode (no LoRA dropout) without gradients, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def eval_loss(model, adapter: str, microbatches: list[list[Sample]], device) -> float:
     """Mean token cross-entropy of the samples under `adapter`: the sum over every target token of
     every microbatch, divided by their count. No gradients; the model is put in eval mode for it.
-    (The pipeline engines compute the same sums through their stages: engines/pipeline.py.)"""
-    was_training = model.training
-    model.eval()
+    (The pipeline engines compute the same sums through their stages: engines/stage_evaluation.py.)"""
     total = 0.0
-    try:
-        with torch.no_grad():
-            for samples in microbatches:
-                packed = pack_eval_microbatch(adapter, samples, device)
-                with multi_lora_batch(model, packed.lora_batch):
-                    total += summed_loss(model(**packed.model_inputs()).logits, packed)
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for samples in microbatches:
+            packed = pack_eval_microbatch(adapter, samples, device)
+            with multi_lora_batch(model, packed.lora_batch):
+                total += summed_loss(model(**packed.model_inputs()).logits, packed)
     return total / target_tokens(microbatches)
 
 

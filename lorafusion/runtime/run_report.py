@@ -69,6 +69,7 @@ def eval_accuracy(trainer, name: str) -> float:
     same completions `lorafusion eval` gives with the saved adapter. Decoded by the trainer's
     adapter_forward (on a pipeline, every rank of it takes part)."""
     from .data_sources import read_records
+    from .eval_loss import evaluating
     from .evaluation import exact_match, greedy_completions
 
     spec = trainer.jobs[name].spec
@@ -76,13 +77,9 @@ def eval_accuracy(trainer, name: str) -> float:
     tokenizer = trainer.tokenizer
     # A completion longer than every expected one is wrong whatever follows, so decoding stops there.
     longest = max(len(tokenizer.encode(r["completion"])) for r in records) + 1
-    was_training = trainer.model.training
-    trainer.model.eval()
-    try:
+    with evaluating(trainer.model):
         forward = trainer.adapter_forward(name)
         completions = greedy_completions(forward, tokenizer, [r["prompt"] for r in records], longest, trainer.device)
-    finally:
-        trainer.model.train(was_training)
     return exact_match(completions, [r["completion"] for r in records])
 
 

@@ -141,14 +141,14 @@ class JobStore:
     def exists(self, name: str) -> bool:
         return bool(self._read("SELECT 1 FROM jobs WHERE name = ?", (name,)))
 
-    def pending(self) -> list[tuple[str, dict, str, str, bool]]:
-        """(name, spec, data digest, state, cancel requested) of every job not in a terminal
-        state, in submission order: what the trainer has to (re)admit."""
+    def pending(self) -> list[tuple[str, dict, str, bool]]:
+        """(name, spec, data digest, cancel requested) of every job not in a terminal state, in
+        submission order: what the trainer has to (re)admit."""
         rows = self._read(
-            "SELECT name, spec, data_digest, state, cancel_requested FROM jobs "
+            "SELECT name, spec, data_digest, cancel_requested FROM jobs "
             f"WHERE state NOT IN {TERMINAL_STATES!r} ORDER BY seq"
         )
-        return [(r["name"], json.loads(r["spec"]), r["data_digest"], r["state"], bool(r["cancel_requested"])) for r in rows]
+        return [(r["name"], json.loads(r["spec"]), r["data_digest"], bool(r["cancel_requested"])) for r in rows]
 
     def request_cancel(self, name: str) -> None:
         self._write(f"UPDATE jobs SET cancel_requested = 1 WHERE name = ? AND state NOT IN {TERMINAL_STATES!r}", (name,))

@@ -256,7 +256,7 @@ class ServiceTrainer(TrainingLoop):
 
     def _admit_and_cancel(self) -> None:
         self._wake.clear()
-        for name, entry, digest, state, cancel in self.store.pending():
+        for name, entry, digest, cancel in self.store.pending():
             if name not in self.jobs:
                 if cancel:  # never trained in this process: its checkpoint, if any, stays as it is
                     self._end(name, "cancelled")

@@ -30,26 +30,28 @@ def warn_truncated(trainer) -> None:
         print(f"lorafusion train: warning: samples truncated by max_seq_len: {'; '.join(parts)}", file=sys.stderr)
 
 
-def first_losses(output_dir: Path) -> dict[str, float]:
-    """Each job's loss at its first step, from metrics.jsonl (which a resumed run keeps)."""
+def logged_metrics(output_dir: Path) -> list[dict]:
+    """metrics.jsonl's records (which a resumed run keeps), none before a first step."""
     path = Path(output_dir) / METRICS_FILE
+    return read_metrics(path) if path.is_file() else []
+
+
+def first_losses(records: list[dict]) -> dict[str, float]:
+    """Each job's loss at its first step, from metrics.jsonl's records."""
     first: dict[str, float] = {}
-    if path.is_file():
-        for record in read_metrics(path):
-            if record.get("step") == 1:
-                first.setdefault(record["job"], record["loss"])
+    for record in records:
+        if record.get("step") == 1:
+            first.setdefault(record["job"], record["loss"])
     return first
 
 
-def published_eval_losses(output_dir: Path, jobs: dict) -> dict[str, float]:
-    """The eval loss of each job's published adapter, from metrics.jsonl (so a resumed run reports
-    the same): its best eval's under early stopping, else its last eval's (at its last step)."""
-    path = Path(output_dir) / METRICS_FILE
+def published_eval_losses(records: list[dict], jobs: dict) -> dict[str, float]:
+    """The eval loss of each job's published adapter, from metrics.jsonl's records (so a resumed run
+    reports the same): its best eval's under early stopping, else its last eval's (at its last step)."""
     losses: dict[str, list[float]] = {}
-    if path.is_file():
-        for record in read_metrics(path):
-            if "eval_loss" in record:
-                losses.setdefault(record["job"], []).append(record["eval_loss"])
+    for record in records:
+        if "eval_loss" in record:
+            losses.setdefault(record["job"], []).append(record["eval_loss"])
     found = {}
     for name, values in losses.items():
         under_patience = name in jobs and jobs[name].spec.early_stopping_patience is not None
@@ -86,8 +88,9 @@ def eval_accuracy(trainer, name: str) -> float:
 def add_job_report(trainer, result) -> None:
     """Fill each job's first loss, truncated samples, tokens/s and (for finished jobs with
     eval_data) eval accuracy into `result`."""
-    first = first_losses(trainer.output_dir)
-    evaluated = published_eval_losses(trainer.output_dir, trainer.jobs)
+    records = logged_metrics(trainer.output_dir)
+    first = first_losses(records)
+    evaluated = published_eval_losses(records, trainer.jobs)
     for name, summary in result.jobs.items():
         job = trainer.jobs[name]
         summary.first_loss = first.get(name, math.nan)
